@@ -1,0 +1,139 @@
+"""Tile sizes, warps, stages and memory budgets of the Triton kernels, in one frozen object.
+
+Every kernel reads its launch shape from a :class:`KernelConfig`; :func:`pick_config` chooses one from
+the problem (N, D, V, dtype, device). Tests pass a small config explicitly to force several vocabulary
+splits / chunks on tiny shapes.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One matmul-shaped launch: an output tile of ``block_m x block_n`` built from ``block_k``-deep steps.
+
+    tl.dot needs every block dimension >= 16.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    # Forward logits/LSE kernel: block_m = tokens, block_n = vocabulary columns, block_k = hidden dim.
+    forward: Tile
+    # Backward kernel that recomputes logits and writes d(raw logits) for a vocab chunk (same axes).
+    draw: Tile
+    # Backward d_hidden += draw_chunk @ W_chunk: block_m = tokens, block_n = hidden dim, block_k = vocab.
+    dhidden: Tile
+    # Rows per program of the tiny kernel that merges the per-split partial LSE state.
+    merge_block: int = 128
+    # Forward vocabulary splits (grid axis 1). None: derived so the grid fills the GPU several times.
+    splits: Optional[int] = None
+    # Byte budget of the reusable [N, Vc] draw buffer of the backward (the only N x V-ish allocation).
+    chunk_bytes: int = 32 * MiB
+    # Explicit chunk width Vc (tests); None: derived from chunk_bytes.
+    chunk_cols: Optional[int] = None
+    # Upcast 16-bit operands to fp32 before tl.dot. Needed under TRITON_INTERPRET (its 16-bit dot is
+    # wrong); on the GPU it would forfeit the tensor cores' 16-bit rate, so it stays off there.
+    upcast_dot: bool = False
+    # tl.dot precision for fp32 inputs: "ieee" matches eager fp32 matmuls (no TF32) at a speed cost.
+    fp32_precision: str = "ieee"
+
+    def with_(self, **kw) -> "KernelConfig":
+        return replace(self, **kw)
+
+
+def interpreted(device: torch.device) -> bool:
+    """True when the kernels will run in the Triton interpreter (CPU tensors / TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" or torch.device(device).type == "cpu"
+
+
+# Tiny tiles for the interpreter: every program is a numpy step, so few elements per block keep it fast.
+INTERPRETER_CONFIG = KernelConfig(
+    forward=Tile(16, 16, 16),
+    draw=Tile(16, 16, 16),
+    dhidden=Tile(16, 16, 16),
+    merge_block=16,
+    splits=None,
+    chunk_bytes=8 * 1024,
+    upcast_dot=True,
+)
+
+# Hopper (H100/H200) bf16/fp16: 128x128 output tiles with 64-deep K steps keep wgmma busy while leaving
+# registers for the softmax epilogue; 8 warps = two warpgroups.
+GPU_CONFIG = KernelConfig(
+    forward=Tile(128, 128, 64, num_warps=8, num_stages=3),
+    draw=Tile(128, 128, 64, num_warps=8, num_stages=3),
+    dhidden=Tile(128, 128, 64, num_warps=8, num_stages=3),
+    merge_block=256,
+    splits=None,
+    chunk_bytes=32 * MiB,
+)
+
+# fp32 operands take twice the shared memory per stage: halve the K step.
+GPU_CONFIG_FP32 = KernelConfig(
+    forward=Tile(128, 128, 32, num_warps=8, num_stages=3),
+    draw=Tile(128, 128, 32, num_warps=8, num_stages=3),
+    dhidden=Tile(128, 128, 32, num_warps=8, num_stages=3),
+    merge_block=256,
+    splits=None,
+    chunk_bytes=32 * MiB,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs_target(device: torch.device) -> int:
+    """How many programs a grid should have to run several full waves (tail effect < ~10%)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 8
+    return 8 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pick_config(N: int, D: int, V: int, dtype: torch.dtype, device) -> KernelConfig:
+    if interpreted(device):
+        return INTERPRETER_CONFIG
+    return GPU_CONFIG_FP32 if dtype == torch.float32 else GPU_CONFIG
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def forward_splits(cfg: KernelConfig, N: int, V: int, device) -> tuple[int, int]:
+    """(splits, vocab tiles per split), with every split non-empty."""
+    n_blocks = cdiv(N, cfg.forward.block_m)
+    v_tiles = cdiv(V, cfg.forward.block_n)
+    splits = cfg.splits if cfg.splits is not None else cdiv(num_programs_target(device), n_blocks)
+    splits = max(1, min(splits, v_tiles))
+    per_split = cdiv(v_tiles, splits)
+    return cdiv(v_tiles, per_split), per_split
+
+
+def chunk_width(cfg: KernelConfig, N: int, V: int, elem_bytes: int) -> int:
+    """Vocabulary columns per backward chunk: a multiple of both kernels' vocab blocks, >= one block."""
+    step = math.lcm(cfg.draw.block_n, cfg.dhidden.block_k)
+    if cfg.chunk_cols is not None:
+        cols = cfg.chunk_cols
+    else:
+        cols = cfg.chunk_bytes // max(1, N * elem_bytes)
+    cols = max(step, cols // step * step)
+    return min(cols, cdiv(V, step) * step)

@@ -1,0 +1,149 @@
+"""Forward: per-token loss and log-sum-exp without materialising the N x V logits.
+
+Step 1 (``_partial_lse_kernel``): grid (token blocks, vocab splits), token block fastest so programs
+running together stream the same weight tiles through L2. Each program walks its contiguous range of
+vocab tiles, keeping per-row online max / sum-exp, the target logit (when the target falls in a tile)
+and, with label smoothing, the running sum of logits. It writes one value of each per (split, row).
+Step 2 (``_merge_kernel``): merges the splits into lse and loss; flags out-of-range targets with NaN.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..options import LossOptions
+from .common import logits_tile
+from .config import KernelConfig, cdiv, forward_splits, pick_config
+from .launch import check_inputs, dot_precision
+
+
+@triton.jit
+def _partial_lse_kernel(
+    h_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
+    N, D, V, tiles_per_split,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    scale, softcap,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    tgt = tl.load(t_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
+
+    run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_N,), tl.float32)
+    tgt_logit = tl.zeros((BLOCK_N,), tl.float32)
+    z_sum = tl.zeros((BLOCK_N,), tl.float32)
+
+    tile_lo = pid_s * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    for tile in range(tile_lo, tile_hi):
+        offs_v = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < V
+        z = logits_tile(
+            h_ptr, w_ptr, b_ptr, offs_n, n_mask, offs_v, v_mask,
+            D, stride_hn, stride_hd, stride_wv, stride_wd, scale, softcap,
+            BLOCK_N, BLOCK_V, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PREC,
+        )
+        # Every tile has >= 1 valid column, so new_max is finite and exp(-inf - new_max) == 0.
+        z = tl.where(v_mask[None, :], z, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        run_max = new_max
+        is_tgt = offs_v[None, :].to(tl.int64) == tgt[:, None]
+        tgt_logit += tl.sum(tl.where(is_tgt, z, 0.0), axis=1)
+        if HAS_SMOOTHING:
+            z_sum += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
+
+    # part layout: [4, splits, N] fp32 = (max, sumexp, target logit, logit sum)
+    plane = n_splits * N
+    out = part_ptr + pid_s * N + offs_n
+    tl.store(out, run_max, mask=n_mask)
+    tl.store(out + plane, run_sum, mask=n_mask)
+    tl.store(out + 2 * plane, tgt_logit, mask=n_mask)
+    if HAS_SMOOTHING:
+        tl.store(out + 3 * plane, z_sum, mask=n_mask)
+
+
+@triton.jit
+def _merge_kernel(
+    part_ptr, t_ptr, loss_ptr, lse_ptr,
+    N, V, n_splits, ignore_index, eps,
+    BLOCK: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    plane = n_splits * N
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for s in range(0, n_splits):
+        m = tl.maximum(m, tl.load(part_ptr + s * N + offs, mask=mask, other=0.0))
+    total = tl.zeros((BLOCK,), tl.float32)
+    zt = tl.zeros((BLOCK,), tl.float32)
+    zs = tl.zeros((BLOCK,), tl.float32)
+    for s in range(0, n_splits):
+        p = part_ptr + s * N + offs
+        total += tl.load(p + plane, mask=mask, other=1.0) * tl.exp(tl.load(p, mask=mask, other=0.0) - m)
+        zt += tl.load(p + 2 * plane, mask=mask, other=0.0)
+        if HAS_SMOOTHING:
+            zs += tl.load(p + 3 * plane, mask=mask, other=0.0)
+    lse = m + tl.log(total)
+    loss = (1.0 - eps) * (lse - zt)
+    if HAS_SMOOTHING:
+        loss += eps * (lse - zs / V)
+    t = tl.load(t_ptr + offs, mask=mask, other=0).to(tl.int64)
+    ignored = t == ignore_index
+    in_range = (t >= 0) & (t < V)
+    loss = tl.where(ignored, 0.0, loss)
+    loss = tl.where(in_range | ignored, loss, float("nan"))
+    tl.store(lse_ptr + offs, lse, mask=mask)
+    tl.store(loss_ptr + offs, loss, mask=mask)
+
+
+def triton_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    opts: LossOptions,
+    config: Optional[KernelConfig] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss [N] fp32, lse [N] fp32); see cce_inductor.kernels for the contract."""
+    check_inputs(hidden, weight, bias, targets)
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    loss = torch.empty(N, device=dev, dtype=torch.float32)
+    lse = torch.empty(N, device=dev, dtype=torch.float32)
+    if N == 0:
+        return loss, lse
+    cfg = config if config is not None else pick_config(N, D, V, hidden.dtype, dev)
+    targets = targets.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    smoothing = opts.label_smoothing > 0.0
+    splits, per_split = forward_splits(cfg, N, V, dev)
+    part = torch.empty((4 if smoothing else 3, splits, N), device=dev, dtype=torch.float32)
+    t = cfg.forward
+    _partial_lse_kernel[(cdiv(N, t.block_m), splits)](
+        hidden, weight, bias if bias is not None else hidden, targets, part,
+        N, D, V, per_split,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        float(opts.logit_scale), float(opts.softcap or 1.0),
+        BLOCK_N=t.block_m, BLOCK_V=t.block_n, BLOCK_K=t.block_k,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_SMOOTHING=smoothing,
+        UPCAST=cfg.upcast_dot, DOT_PREC=dot_precision(cfg, hidden.dtype),
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    _merge_kernel[(cdiv(N, cfg.merge_block),)](
+        part, targets, loss, lse,
+        N, V, splits, int(opts.ignore_index), float(opts.label_smoothing),
+        BLOCK=cfg.merge_block, HAS_SMOOTHING=smoothing,
+    )
+    return loss, lse
