@@ -1,0 +1,111 @@
+"""The op on any device in plain PyTorch: exact, with memory bounded by a token chunk × vocabulary.
+
+This is the CPU path (and the fallback for dtypes the Triton kernels do not take, e.g. float64). It
+follows the same contract as the Triton kernels in ``cce_inductor.kernels``:
+
+    forward(hidden [N, D], weight [V, D], bias [V] | None, targets [N], opts) -> (loss [N], lse [N]; float32, float64 for float64 inputs)
+    backward(grad_loss [N], grad_lse [N] | None, hidden, weight, bias, targets, lse, opts)
+        -> (d_hidden [N, D], d_weight [V, D], d_bias [V] | None)
+
+Logits exist only one token chunk at a time. Arithmetic is float32 (float64 for float64 inputs) from
+the matmul on, so the result is at least as exact as eager PyTorch's.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .options import LossOptions
+
+# Elements of one float32 logits chunk (rows × V). 8M elements = 32 MiB; a chunk has ~3 live temporaries.
+CHUNK_ELEMENTS = 8 * 2**20
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _rows_per_chunk(n: int, v: int) -> int:
+    return max(1, min(n, CHUNK_ELEMENTS // max(v, 1)))
+
+
+def _logits(h: Tensor, w: Tensor, b: Optional[Tensor], opts: LossOptions) -> tuple[Tensor, Optional[Tensor]]:
+    """z = softcap(scale * (h @ w.T + b)); also returns tanh(.) for the softcap derivative (None without softcap)."""
+    z = h @ w.T
+    if b is not None:
+        z = z + b
+    if opts.logit_scale != 1.0:
+        z = z * opts.logit_scale
+    if opts.softcap is None:
+        return z, None
+    th = torch.tanh(z / opts.softcap)
+    return th * opts.softcap, th
+
+
+def _target_status(t: Tensor, v: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(valid, out_of_range, clamped index): valid rows are in [0, V); ignored rows are neither."""
+    ignored = t == ignore_index
+    in_range = (t >= 0) & (t < v)
+    return in_range & ~ignored, ~in_range & ~ignored, t.clamp(0, max(v - 1, 0))
+
+
+def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, opts: LossOptions):
+    n, v = hidden.shape[0], weight.shape[0]
+    cd = _compute_dtype(hidden)
+    w = weight.to(cd)
+    b = None if bias is None else bias.to(cd)
+    loss = torch.empty(n, dtype=cd, device=hidden.device)
+    lse = torch.empty(n, dtype=cd, device=hidden.device)
+    eps = opts.label_smoothing
+    step = _rows_per_chunk(n, v)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        z, _ = _logits(hidden[s:e].to(cd), w, b, opts)
+        row_lse = torch.logsumexp(z, dim=-1)
+        valid, bad, idx = _target_status(targets[s:e], v, opts.ignore_index)
+        nll = row_lse - z.gather(1, idx[:, None]).squeeze(1)
+        if eps:
+            nll = (1 - eps) * nll + eps * (row_lse - z.mean(dim=-1))
+        nll = torch.where(valid, nll, torch.zeros_like(nll))
+        nll = torch.where(bad, torch.full_like(nll, float("nan")), nll)
+        loss[s:e] = nll
+        lse[s:e] = row_lse
+    return loss, lse
+
+
+def backward(grad_loss: Optional[Tensor], grad_lse: Optional[Tensor], hidden: Tensor, weight: Tensor,
+             bias: Optional[Tensor], targets: Tensor, lse: Tensor, opts: LossOptions):
+    n, v = hidden.shape[0], weight.shape[0]
+    cd = _compute_dtype(hidden)
+    w = weight.to(cd)
+    b = None if bias is None else bias.to(cd)
+    d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    d_weight = torch.zeros(weight.shape, dtype=cd, device=weight.device)
+    d_bias = None if bias is None else torch.zeros(v, dtype=cd, device=weight.device)
+    eps = opts.label_smoothing
+    step = _rows_per_chunk(n, v)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        h = hidden[s:e].to(cd)
+        z, th = _logits(h, w, b, opts)
+        valid, bad, idx = _target_status(targets[s:e], v, opts.ignore_index)
+        # g: weight of the loss term per row (0 on ignored rows; NaN propagates from out-of-range rows).
+        g = torch.zeros(e - s, dtype=cd, device=h.device) if grad_loss is None else grad_loss[s:e].to(cd)
+        g = torch.where(valid | bad, g, torch.zeros_like(g))
+        g = torch.where(bad, torch.full_like(g, float("nan")), g)
+        row_weight = g if grad_lse is None else g + grad_lse[s:e].to(cd)
+        dz = torch.exp(z - lse[s:e, None].to(cd)) * row_weight[:, None]
+        dz.scatter_add_(1, idx[:, None], (-(1 - eps) * g)[:, None])
+        if eps:
+            dz -= (g * (eps / v))[:, None]
+        if th is not None:
+            dz *= 1 - th * th
+        if opts.logit_scale != 1.0:
+            dz *= opts.logit_scale
+        d_hidden[s:e] = (dz @ w).to(hidden.dtype)
+        d_weight += dz.T @ h
+        if d_bias is not None:
+            d_bias += dz.sum(dim=0)
+    return (d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype))

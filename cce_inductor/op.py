@@ -1,0 +1,116 @@
+"""The custom ops ``torch.ops.cce.linear_cross_entropy_forward`` / ``..._backward`` and their autograd.
+
+Both ops work on flattened inputs (hidden [N, D], targets [N]) and per-token outputs; reductions and
+reshapes live in ``cce_inductor.api`` as plain PyTorch, so the compiler sees them and they need no
+kernel. Each op is opaque to torch.compile (a single kernel call in the graph) with a fake
+implementation for tracing and dynamic shapes. The forward saves hidden, weight, bias, targets and
+the per-token log-sum-exp — never the logits.
+
+Which implementation runs: the Triton kernels for CUDA tensors of 16/32-bit floats, the chunked
+PyTorch path otherwise. ``use_triton_on_cpu()`` routes CPU tensors to the Triton kernels too (for
+testing them under ``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import chunked_torch
+from .options import LossOptions
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_triton_on_cpu = False
+
+
+@contextlib.contextmanager
+def use_triton_on_cpu(enabled: bool = True):
+    """Run the Triton kernels on CPU tensors (only meaningful with ``TRITON_INTERPRET=1``)."""
+    global _triton_on_cpu
+    previous, _triton_on_cpu = _triton_on_cpu, enabled
+    try:
+        yield
+    finally:
+        _triton_on_cpu = previous
+
+
+def _implementation(hidden: Tensor):
+    if hidden.dtype in _TRITON_DTYPES and (hidden.is_cuda or _triton_on_cpu):
+        from . import kernels  # imported lazily: triton is not needed for the CPU path
+
+        return kernels.triton_forward, kernels.triton_backward
+    return chunked_torch.forward, chunked_torch.backward
+
+
+def _stat_dtype(hidden: Tensor) -> torch.dtype:
+    """dtype of the per-token loss and lse: float32, or float64 for float64 inputs."""
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def _options(ignore_index, label_smoothing, softcap, logit_scale) -> LossOptions:
+    return LossOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
+                       logit_scale=logit_scale)
+
+
+@torch.library.custom_op("cce::linear_cross_entropy_forward", mutates_args=())
+def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                                 ignore_index: int, label_smoothing: float, softcap: Optional[float],
+                                 logit_scale: float) -> tuple[Tensor, Tensor]:
+    """Per-token (loss, lse) [N], float32 (float64 for float64 inputs); loss is 0 on ignored tokens."""
+    fwd, _ = _implementation(hidden)
+    return fwd(hidden, weight, bias, targets, _options(ignore_index, label_smoothing, softcap, logit_scale))
+
+
+@linear_cross_entropy_forward.register_fake
+def _(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale):
+    n, dtype = hidden.shape[0], _stat_dtype(hidden)
+    return hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype)
+
+
+@torch.library.custom_op("cce::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward(grad_loss: Optional[Tensor], grad_lse: Optional[Tensor], hidden: Tensor,
+                                  weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
+                                  ignore_index: int, label_smoothing: float, softcap: Optional[float],
+                                  logit_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_hidden, d_weight, d_bias); d_bias is an empty tensor when there is no bias."""
+    _, bwd = _implementation(hidden)
+    opts = _options(ignore_index, label_smoothing, softcap, logit_scale)
+    if grad_loss is not None:
+        grad_loss = grad_loss.to(_stat_dtype(hidden))
+    if grad_lse is not None:
+        grad_lse = grad_lse.to(_stat_dtype(hidden))
+    d_hidden, d_weight, d_bias = bwd(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts)
+    if d_bias is None:
+        d_bias = hidden.new_empty(0)
+    return d_hidden, d_weight, d_bias
+
+
+@linear_cross_entropy_backward.register_fake
+def _(grad_loss, grad_lse, hidden, weight, bias, targets, lse, ignore_index, label_smoothing, softcap,
+      logit_scale):
+    d_bias = hidden.new_empty(0) if bias is None else torch.empty_like(bias)
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format), d_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale = inputs
+    _, lse = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse)
+    ctx.loss_args = (ignore_index, label_smoothing, softcap, logit_scale)
+    # An unused output (usually lse) then arrives as None instead of a materialised zero tensor.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    if grad_loss is None and grad_lse is None:
+        return None, None, None, None, None, None, None, None
+    d_hidden, d_weight, d_bias = linear_cross_entropy_backward(grad_loss, grad_lse, hidden, weight, bias, targets,
+                                                               lse, *ctx.loss_args)
+    return d_hidden, d_weight, (d_bias if bias is not None else None), None, None, None, None, None
+
+
+linear_cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,30 @@
+"""The loss options shared by every implementation of the op (one small object, not a flag soup)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """What turns logits ``z = softcap(logit_scale * (hidden @ weight.T + bias))`` into a per-token loss.
+
+    ``softcap=None`` means no capping. Per token ``i`` with target ``t_i`` (eager PyTorch semantics):
+
+        loss_i = (1 - label_smoothing) * (lse_i - z[i, t_i]) + label_smoothing * (lse_i - mean_j z[i, j])
+
+    and ``loss_i = 0`` where ``t_i == ignore_index``.
+    """
+
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"softcap must be a positive number or None, got {self.softcap}")
+        if not (self.logit_scale == self.logit_scale) or self.logit_scale == 0:  # nan or zero
+            raise ValueError(f"logit_scale must be a finite non-zero number, got {self.logit_scale}")
