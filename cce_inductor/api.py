@@ -46,6 +46,14 @@ def _check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optiona
         raise ValueError(f"hidden, weight, bias and targets must be on one device; got {sorted(map(str, devices))}")
 
 
+def _is_tracing(t: Tensor) -> bool:
+    """True under Dynamo, AOTAutograd/make_fx tracing or fake tensors: values are not available there."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return torch.compiler.is_compiling() or get_proxy_mode() is not None or is_fake(t)
+
+
 def _check_target_range(targets: Tensor, vocab: int, ignore_index: int):
     """A clear error for labels outside [0, V) that are not ignore_index.
 
@@ -53,7 +61,7 @@ def _check_target_range(targets: Tensor, vocab: int, ignore_index: int):
     Under torch.compile or CUDA-graph capture it is skipped and such rows give a NaN loss instead, so
     a bad label is never a silent wrong number. ``CCE_INDUCTOR_CHECK_TARGETS=0`` turns it off.
     """
-    if torch.compiler.is_compiling() or os.environ.get("CCE_INDUCTOR_CHECK_TARGETS", "1") == "0":
+    if _is_tracing(targets) or os.environ.get("CCE_INDUCTOR_CHECK_TARGETS", "1") == "0":
         return
     if targets.is_cuda and torch.cuda.is_current_stream_capturing():
         return
