@@ -1,0 +1,199 @@
+"""Triton kernels vs a float64 reference, under the Triton interpreter on CPU tensors (small shapes)."""
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py when CUDA is absent)", allow_module_level=True)
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from cce_inductor.kernels import KernelConfig, triton_backward, triton_forward  # noqa: E402
+from cce_inductor.kernels.config import INTERPRETER_CONFIG, chunk_width, forward_splits  # noqa: E402
+from cce_inductor.kernels.reference import reference_loss_and_grads, rel_err  # noqa: E402
+from cce_inductor.options import LossOptions  # noqa: E402
+
+# Forces several vocab splits in the forward and several vocab chunks in the backward on tiny shapes.
+SMALL = INTERPRETER_CONFIG.with_(splits=3, chunk_cols=32)
+
+# Gradient tolerance per input dtype: draw is rounded to the input dtype (as eager does) and the outputs
+# are 16-bit, so 16-bit errors sit near the dtype's epsilon; the forward has no rounding step (fp32
+# accumulation of exactly-representable inputs) and is held to fp32 accuracy for every dtype.
+GRAD_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+FWD_TOL = 2e-5
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every torch.empty / empty_like returns NaN (floats) or a huge value (ints): unwritten output shows."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(123456789)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+def make_inputs(N, D, V, dtype, has_bias, gen, logit_std=2.0):
+    h = torch.randn(N, D, generator=gen).to(dtype)
+    w = (torch.randn(V, D, generator=gen) * (logit_std / max(D, 1) ** 0.5)).to(dtype)
+    b = (torch.randn(V, generator=gen) * 0.5).to(dtype) if has_bias else None
+    t = torch.randint(0, V, (N,), generator=gen)
+    return h, w, b, t
+
+
+def run_and_check(h, w, b, t, opts, cfg, gen, with_glse=True, grad_tol=None, expect_nan_rows=()):
+    N, V = h.shape[0], w.shape[0]
+    loss, lse = triton_forward(h, w, b, t, opts, config=cfg)
+    assert loss.shape == (N,) and lse.shape == (N,)
+    assert loss.dtype == torch.float32 and lse.dtype == torch.float32
+    g = torch.rand(N, generator=gen) + 0.5
+    gl = torch.randn(N, generator=gen) if with_glse else None
+    rl, rlse, rdh, rdw, rdb = reference_loss_and_grads(h, w, b, t, opts, g, gl)
+    ok = torch.ones(N, dtype=torch.bool)
+    for r in expect_nan_rows:
+        ok[r] = False
+        assert torch.isnan(loss[r]), "out-of-range target must give a NaN loss"
+    assert not torch.isnan(loss[ok]).any() and not torch.isnan(lse).any()
+    assert rel_err(lse, rlse) < FWD_TOL
+    assert rel_err(loss[ok], rl[ok]) < FWD_TOL or (rl[ok].norm() == 0 and loss[ok].abs().max() < 1e-6)
+    dh, dw, db = triton_backward(g, gl, h, w, b, t, lse, opts, config=cfg)
+    assert dh.shape == h.shape and dw.shape == w.shape and dh.dtype == h.dtype and dw.dtype == w.dtype
+    assert dh.is_contiguous() and dw.is_contiguous()
+    if b is None:
+        assert db is None
+    else:
+        assert db.shape == b.shape and db.dtype == b.dtype
+    if expect_nan_rows:
+        return loss, dh, dw, db
+    tol = grad_tol or GRAD_TOL[h.dtype]
+    assert rel_err(dh, rdh) < tol, rel_err(dh, rdh)
+    assert rel_err(dw, rdw) < tol, rel_err(dw, rdw)
+    if b is not None:
+        assert rel_err(db, rdb) < tol, rel_err(db, rdb)
+    return loss, dh, dw, db
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "has_bias,opts",
+    [
+        (False, LossOptions()),
+        (True, LossOptions(label_smoothing=0.1, softcap=3.0, logit_scale=0.7)),
+    ],
+    ids=["plain", "bias-smooth-softcap-scale"],
+)
+def test_matches_float64_with_splits_and_chunks(dtype, has_bias, opts, poison):
+    gen = torch.Generator().manual_seed(1)
+    N, D, V = 37, 40, 70  # nothing a multiple of the 16-wide blocks
+    h, w, b, t = make_inputs(N, D, V, dtype, has_bias, gen)
+    t[[3, 11]] = opts.ignore_index
+    assert forward_splits(SMALL, N, V, "cpu")[0] == 3 and chunk_width(SMALL, N, V, 2) == 32  # 3 chunks
+    run_and_check(h, w, b, t, opts, SMALL, gen)
+
+
+def test_default_config_single_chunk(poison):
+    gen = torch.Generator().manual_seed(2)
+    h, w, b, t = make_inputs(20, 24, 50, torch.bfloat16, True, gen)
+    run_and_check(h, w, b, t, LossOptions(label_smoothing=0.2), None, gen, with_glse=False)
+
+
+def test_tiny_shapes(poison):
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        h, w, b, t = make_inputs(1, 3, 2, dtype, True, gen)
+        run_and_check(h, w, b, t, LossOptions(softcap=5.0), SMALL, gen)
+
+
+def test_ignored_rows_and_grad_lse():
+    gen = torch.Generator().manual_seed(4)
+    N = 30
+    h, w, b, t = make_inputs(N, 20, 45, torch.float32, False, gen)
+    t[::3] = -100
+    opts = LossOptions()
+    loss, dh, _, _ = run_and_check(h, w, b, t, opts, SMALL, gen, with_glse=False)
+    assert (loss[::3] == 0).all()
+    # Ignored rows with no grad_lse get exactly zero d_hidden.
+    assert (dh[::3] == 0).all()
+    # With grad_lse the ignored rows do receive the softmax gradient.
+    run_and_check(h, w, b, t, opts, SMALL, gen, with_glse=True)
+
+
+def test_custom_ignore_index_inside_vocab_and_int32_targets():
+    gen = torch.Generator().manual_seed(5)
+    h, w, b, t = make_inputs(25, 18, 40, torch.float32, True, gen)
+    t[:5] = 7
+    opts = LossOptions(ignore_index=7, label_smoothing=0.05)
+    loss, _, _, _ = run_and_check(h, w, b, t.to(torch.int32), opts, SMALL, gen)
+    assert (loss[:5] == 0).all()
+
+
+def test_non_contiguous_inputs(poison):
+    gen = torch.Generator().manual_seed(6)
+    N, D, V = 21, 19, 50
+    dtype = torch.bfloat16
+    big = torch.randn(N + 3, 2 * D + 5, generator=gen).to(dtype)
+    h = big[2:2 + N, 5:5 + 2 * D:2]  # row stride 2D+5, column stride 2
+    w = (torch.randn(D, V, generator=gen) * 0.4).to(dtype).t()  # transposed storage: strides (1, V)
+    assert not h.is_contiguous() and not w.is_contiguous()
+    t = torch.randint(0, V, (N,), generator=gen)
+    g = torch.rand(N, generator=gen)
+    opts = LossOptions(softcap=4.0)
+    loss, lse = triton_forward(h, w, None, t, opts, config=SMALL)
+    loss_c, lse_c = triton_forward(h.contiguous(), w.contiguous(), None, t, opts, config=SMALL)
+    assert torch.equal(loss, loss_c) and torch.equal(lse, lse_c)
+    dh, dw, _ = triton_backward(g, None, h, w, None, t, lse, opts, config=SMALL)
+    dh_c, dw_c, _ = triton_backward(g, None, h.contiguous(), w.contiguous(), None, t, lse, opts, config=SMALL)
+    assert torch.equal(dh, dh_c) and torch.equal(dw, dw_c)
+    run_and_check(h, w, None, t, opts, SMALL, gen)
+
+
+def test_out_of_range_target_gives_nan_for_that_row_only():
+    gen = torch.Generator().manual_seed(7)
+    N, V = 12, 33
+    h, w, b, t = make_inputs(N, 16, V, torch.float32, False, gen)
+    t[4] = V  # one past the end
+    t[9] = -3  # negative, not ignore_index
+    loss, dh, _, _ = run_and_check(h, w, b, t, LossOptions(), SMALL, gen, expect_nan_rows=(4, 9))
+    assert torch.isnan(dh[4]).all() and torch.isnan(dh[9]).all()
+    assert not torch.isnan(dh[[0, 1, 2, 3, 5, 6, 7, 8, 10, 11]]).any()
+
+
+def test_large_target_does_not_wrap_into_range():
+    gen = torch.Generator().manual_seed(8)
+    h, w, b, t = make_inputs(4, 16, 20, torch.float32, False, gen)
+    t[1] = (1 << 32) + 3  # would alias to 3 if truncated to int32
+    loss, _ = triton_forward(h, w, b, t, LossOptions(), config=SMALL)
+    assert torch.isnan(loss[1]) and not torch.isnan(loss[[0, 2, 3]]).any()
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    N=st.integers(1, 40), D=st.integers(1, 36), V=st.integers(2, 70),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    has_bias=st.booleans(), softcap=st.sampled_from([None, 2.0]),
+    eps=st.sampled_from([0.0, 0.3]), scale=st.sampled_from([1.0, 1.7]),
+    chunk=st.sampled_from([16, 48]), splits=st.sampled_from([1, 2, 5]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_and_options(N, D, V, dtype, has_bias, softcap, eps, scale, chunk, splits, seed):
+    gen = torch.Generator().manual_seed(seed)
+    h, w, b, t = make_inputs(N, D, V, dtype, has_bias, gen)
+    if N > 2:
+        t[N // 2] = -100
+    opts = LossOptions(label_smoothing=eps, softcap=softcap, logit_scale=scale)
+    cfg = INTERPRETER_CONFIG.with_(splits=splits, chunk_cols=chunk)
+    run_and_check(h, w, b, t, opts, cfg, gen, with_glse=bool(seed % 2))
+
+
+def test_config_is_a_frozen_object():
+    cfg = SMALL.with_(chunk_cols=64)
+    assert isinstance(cfg, KernelConfig) and cfg.chunk_cols == 64 and SMALL.chunk_cols == 32
+    with pytest.raises(Exception):
+        cfg.chunk_cols = 3  # type: ignore[misc]
