@@ -88,9 +88,24 @@ def _dtype(node: Any) -> Optional[torch.dtype]:
     return v.dtype if isinstance(v, torch.Tensor) else None
 
 
-def _last_dim(node: Any) -> Optional[int]:
+def _last_dim(node: Any) -> Any:
+    """The last dim's size (an int, or a SymInt under dynamic shapes), or None."""
     s = _shape(node)
-    return _static_int(s[-1]) if s else None
+    return s[-1] if s else None
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    """``a == b`` for sizes, True only when provable without adding a guard."""
+    if a is None or b is None:
+        return False
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return bool(statically_known_true(a == b))
+    except Exception:  # pragma: no cover
+        return False
 
 
 def _call(node: Any, functions: tuple = (), methods: tuple = ()) -> bool:
@@ -361,8 +376,7 @@ def _as_bias_add(node: Node) -> Optional[tuple[Node, Node]]:
         return None
     for z, b in (node.args, node.args[::-1]):
         if isinstance(z, Node) and isinstance(b, Node) and len(_shape(b) or ()) == 1:
-            v = _last_dim(z)
-            if v is not None and _static_int(_shape(b)[0]) == v and (_dtype(b) or torch.int64).is_floating_point:
+            if _same_size(_shape(b)[0], _last_dim(z)) and (_dtype(b) or torch.int64).is_floating_point:
                 return z, b
     return None
 
@@ -386,7 +400,7 @@ def _getitem_keeps_last_dim(index: Any, ndim: int) -> bool:
     return idx[-1] == full
 
 
-def _as_layout(node: Node, v: int) -> Optional[Node]:
+def _as_layout(node: Node, v: Any) -> Optional[Node]:
     """A row-to-row op on the leading dims (input and output both end in V) → its input::
 
         z.view(-1, V)   z.reshape(B * T, V)   torch.reshape(z, s)   z.flatten(0, 1)   torch.flatten(z, 0, -2)
@@ -395,7 +409,7 @@ def _as_layout(node: Node, v: int) -> Optional[Node]:
     if not node.args or not isinstance(node.args[0], Node):
         return None
     src = node.args[0]
-    if _last_dim(src) != v or _last_dim(node) != v:
+    if not (_same_size(_last_dim(src), v) and _same_size(_last_dim(node), v)):
         return None
     if _call(node, (), ("contiguous",)) and len(node.args) == 1 and not node.kwargs:
         return src
@@ -578,13 +592,11 @@ def match_loss(loss: Node) -> Match:
     else:
         raise Miss("chain too long")
     if v is None:
-        raise Miss("vocabulary size V is not static")
+        raise Miss("logits have no known shape")
     hs = _shape(mm.hidden)
     if hs is None or len(hs) < 1:
         raise Miss("hidden is not a tensor")
-    d = _static_int(hs[-1])
-    if d is None:
-        raise Miss("hidden size D is not static")
+    d = hs[-1]
     if not (_dtype(mm.hidden) or torch.int64).is_floating_point:
         raise Miss("hidden is not floating point")
     _check_order(steps, is_ce, mm)
@@ -697,7 +709,7 @@ def _fake_eval(node: Node) -> None:
 
     args, kwargs = conv(node.args), conv(node.kwargs)
     flat = [x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-    mode = detect_fake_mode(flat)
+    mode = next((x.fake_mode for x in flat if hasattr(x, "fake_mode")), None) or detect_fake_mode(flat)
     if mode is None:
         return
     try:
@@ -768,6 +780,25 @@ def _replay_layout(emit: _Emitter, h: Node, st: Step, d: int) -> Node:
     return emit("call_function", operator.getitem, (h, n.args[1]))
 
 
+def _logsumexp_users(f: Node, i: int, extra_step: Optional[Step], seen: set) -> list:
+    """``torch.logsumexp(f, -1)`` / ``f.logsumexp(dim=-1, keepdim=...)`` users of ``f``."""
+    out = []
+    for u in list(f.users):
+        if u in seen or not _call(u, _LOGSUMEXP_FNS, ("logsumexp",)):
+            continue
+        a = _bind(u, _LOGSUMEXP_SIG)
+        if not a or a["out"] is not None or not isinstance(a["keepdim"], bool):
+            continue
+        dim = a["dim"]
+        if isinstance(dim, (tuple, list)) and len(dim) == 1:
+            dim = dim[0]
+        nd = len(_shape(f))
+        if _norm_dim(dim, nd) == nd - 1:
+            seen.add(u)
+            out.append((u, i, a["keepdim"], extra_step))
+    return out
+
+
 def _find_logsumexps(m: Match) -> list:
     """z-loss terms we can serve from the op's lse: ``torch.logsumexp(z, -1)`` of a chain node that
     already carries every scale/softcap/bias (so its rows' lse equals the op's) and is separated from
@@ -777,26 +808,22 @@ def _find_logsumexps(m: Match) -> list:
     value_kinds = {"scale", "softcap", "bias"}
     first = max((i for i, st in enumerate(order) if st.kind in value_kinds), default=-1)
     served = []
+    seen: set = set()
     for i in range(first, len(order)):
         if i >= 0 and order[i].kind in ("normalize", "class_dim"):
             break
         if any(s.kind == "layout" and _call(s.node, (operator.getitem,)) for s in order[i + 1:]):
             continue  # a slice between this node and the loss: its rows are not the loss's rows
         x = m.mm.node if i == -1 else order[i].node
-        nd = len(_shape(x))
-        # logsumexp(z) or logsumexp(z.float()) with a separate cast node
-        feeders = [x] + [c for c in x.users if _as_cast(c) is x and c.op == "call_method"]
-        for u in [u for f in feeders for u in f.users]:
-            if not _call(u, _LOGSUMEXP_FNS, ("logsumexp",)):
-                continue
-            a = _bind(u, _LOGSUMEXP_SIG)
-            if not a or a["out"] is not None or not isinstance(a["keepdim"], bool):
-                continue
-            dim = a["dim"]
-            if isinstance(dim, (tuple, list)) and len(dim) == 1:
-                dim = dim[0]
-            if _norm_dim(dim, nd) == nd - 1:
-                served.append((u, i, a["keepdim"]))
+        # logsumexp(z), or of a separate z.float() / z.view(-1, V) (a cast or a reshape of a chain node)
+        feeders = [(x, None)]
+        for c in x.users:
+            if c.op == "call_method" and _as_cast(c) is x:
+                feeders.append((c, None))
+            elif not _call(c, (operator.getitem,)) and _as_layout(c, _last_dim(x)) is x:
+                feeders.append((c, Step("layout", c, x)))
+        for f, extra_step in feeders:
+            served.extend(_logsumexp_users(f, i, extra_step, seen))
     return served
 
 
@@ -829,9 +856,12 @@ def apply_match(graph: Graph, m: Match, autocast: dict) -> Rewrite:
         w = emit.cast(emit("call_method", "t", (mm.weight_t,)), compute)
     b = emit.cast(bias, compute) if bias is not None else None
     h_at = {-1: h}  # hidden after the i-th step (eager order)
+    d_arg = m.D if isinstance(m.D, int) else None
     for i, st in enumerate(order):
         if st.kind == "layout":
-            h = _replay_layout(emit, h, st, m.D)
+            if d_arg is None and _call(st.node, _RESHAPE_FNS, ("view", "reshape")):
+                d_arg = emit("call_method", "size", (h, -1))  # symbolic D: read it off hidden
+            h = _replay_layout(emit, h, st, d_arg)
         h_at[i] = h
     kwargs = dict(bias=b, ignore_index=m.ignore_index, reduction=m.reduction,
                   label_smoothing=m.label_smoothing, softcap=softcap, logit_scale=scale)
@@ -844,8 +874,10 @@ def apply_match(graph: Graph, m: Match, autocast: dict) -> Rewrite:
     else:
         out, lse = call, None
     out = emit.cast(out, _dtype(loss))
-    for u, i, keepdim in lses:
+    for u, i, keepdim, extra_step in lses:
         hx = h_at[i]
+        if extra_step is not None:
+            hx = _replay_layout(emit, hx, extra_step, d_arg if d_arg is not None else emit("call_method", "size", (hx, -1)))
         lead = emit("call_function", operator.getitem, (emit("call_method", "size", (hx,)), slice(None, -1)))
         r = emit("call_method", "reshape", (lse, lead))
         if keepdim:
@@ -855,7 +887,7 @@ def apply_match(graph: Graph, m: Match, autocast: dict) -> Rewrite:
         src = u.args[0] if u.args else None
         graph.erase_node(u)
         if isinstance(src, Node) and src is not (m.mm.node if i == -1 else order[i].node) and not src.users:
-            graph.erase_node(src)  # the separate z.float() feeding the logsumexp
+            graph.erase_node(src)  # the separate z.float() / z.view(-1, V) feeding the logsumexp
     loss.replace_all_uses_with(out)
     graph.erase_node(loss)
     if lses:
@@ -892,7 +924,7 @@ def apply_match(graph: Graph, m: Match, autocast: dict) -> Rewrite:
     has_upcast = any(st.kind == "cast" for st in m.steps)
     if n_tok is not None:
         per_row = 4 + (4 if has_upcast else 0) + (0 if logits_kept else _dtype_bytes(compute))
-        saved = n_tok * m.V * per_row
+        saved = n_tok * (_hint(m.V) or 0) * per_row
     else:
         saved = None
     opts = {"reduction": m.reduction, "ignore_index": m.ignore_index}
@@ -911,7 +943,8 @@ def apply_match(graph: Graph, m: Match, autocast: dict) -> Rewrite:
     if lses:
         notes.append(f"{len(lses)} logsumexp (z-loss) served by the op's lse")
     n_sym = "x".join(str(s) for s in t_shape) or "1"
-    return Rewrite(location(loss), m.kind, mm.spelling, n_sym if n_tok is None else n_tok, m.D, m.V,
+    return Rewrite(location(loss), m.kind, mm.spelling, n_sym if n_tok is None else n_tok, _size_str(m.D),
+                   _size_str(m.V),
                    str(compute).replace("torch.", ""), opts, saved, logits_kept, len(lses), notes)
 
 
@@ -954,6 +987,10 @@ def _stable_topological_sort(graph: Graph) -> None:
         if cursor is not None and n.prev is not cursor:
             cursor.append(n)
         cursor = n
+
+
+def _size_str(x: Any) -> Any:
+    return x if isinstance(x, int) else f"{x} (hint {_hint(x)})"
 
 
 def _fed_by_matmul(node: Node, depth: int = 24) -> bool:

@@ -1,0 +1,385 @@
+"""One test per matched form (rewrite count + loss + every gradient vs eager, float64) and per negative."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from test_rewrite_util import _reset_dynamo, check, compile_counting, make_inputs, n_rewrites  # noqa: F401
+
+V, D = 11, 6
+
+
+@pytest.fixture
+def data():
+    return make_inputs(d=D, v=V)
+
+
+# ---- matmul spellings ------------------------------------------------------------------------
+
+def test_linear_no_bias(data):
+    h, w, b, y = data
+    check(lambda h, w, y: F.cross_entropy(F.linear(h, w).view(-1, V), y.view(-1)), (h, w, y), 1)
+
+
+def test_linear_bias(data):
+    h, w, b, y = data
+    check(lambda h, w, b, y: F.cross_entropy(F.linear(h, w, b).flatten(0, 1), y.flatten()), (h, w, b, y), 1)
+
+
+def test_nn_linear_and_nn_crossentropyloss():
+    torch.manual_seed(0)
+    head = nn.Linear(D, V).double()
+    crit = nn.CrossEntropyLoss(ignore_index=3)
+    h, _, _, y = make_inputs(d=D, v=V, ignore_index=3)
+
+    def f(h, y):
+        return crit(head(h).view(-1, V), y.view(-1))
+    check(f, (h, y), 1, params=list(head.parameters()))
+
+
+@pytest.mark.parametrize("spelling", ["at_T", "matmul_t", "method_matmul", "transpose", "mT", "permute"])
+def test_matmul_spellings(data, spelling):
+    h, w, b, y = data
+    mm = {
+        "at_T": lambda h, w: h @ w.T,
+        "matmul_t": lambda h, w: torch.matmul(h, w.t()),
+        "method_matmul": lambda h, w: h.matmul(w.transpose(0, 1)),
+        "transpose": lambda h, w: h @ torch.transpose(w, 1, 0),
+        "mT": lambda h, w: h @ w.mT,
+        "permute": lambda h, w: h @ w.permute(1, 0),
+    }[spelling]
+    check(lambda h, w, y: F.cross_entropy(mm(h, w).reshape(-1, V), y.reshape(-1)), (h, w, y), 1)
+
+
+def test_weight_stored_dv(data):
+    """``h @ B`` with B [D, V] (not a transpose in the graph): the op gets ``B.t()``."""
+    h, w, b, y = data
+    B = w.detach().t().contiguous().requires_grad_()
+    check(lambda h, B, y: F.cross_entropy((h @ B).view(-1, V), y.view(-1)), (h, B, y), 1)
+
+
+def test_mm_2d(data):
+    h, w, b, y = data
+    check(lambda h, w, y: F.cross_entropy(torch.mm(h.reshape(-1, D), w.t()), y.reshape(-1)), (h, w, y), 1)
+
+
+@pytest.mark.parametrize("eq", ["btd,vd->btv", "...d,vd->...v", "btd,dv->btv"])
+def test_einsum(data, eq):
+    h, w, b, y = data
+    W = w if eq.split(",")[1].startswith("v") else w.detach().t().contiguous().requires_grad_()
+    check(lambda h, W, y: F.cross_entropy(torch.einsum(eq, h, W).view(-1, V), y.view(-1)), (h, W, y), 1)
+
+
+def test_addmm(data):
+    h, w, b, y = data
+    check(lambda h, w, b, y: F.cross_entropy(torch.addmm(b, h.view(-1, D), w.T), y.view(-1)), (h, w, b, y), 1)
+
+
+@pytest.mark.parametrize("order", ["z_plus_b", "b_plus_z"])
+def test_matmul_plus_bias(data, order):
+    h, w, b, y = data
+    add = (lambda z, b: z + b) if order == "z_plus_b" else (lambda z, b: b + z)
+    check(lambda h, w, b, y: F.cross_entropy(add(h @ w.T, b).view(-1, V), y.view(-1)), (h, w, b, y), 1)
+
+
+def test_tied_embedding():
+    torch.manual_seed(0)
+    emb = nn.Embedding(V, D).double()
+    ids = torch.randint(0, V, (2, 7))
+
+    def f(ids):
+        h = torch.tanh(emb(ids))
+        logits = F.linear(h, emb.weight)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    check(f, (ids,), 1, params=[emb.weight])
+
+
+# ---- between matmul and loss -------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["mul", "rmul", "div", "mul_method", "div_method"])
+def test_scalar_scale(data, op):
+    h, w, b, y = data
+    sc = {"mul": lambda z: z * 0.7, "rmul": lambda z: 2 * z, "div": lambda z: z / 3.0,
+          "mul_method": lambda z: z.mul(1.5), "div_method": lambda z: z.div(4)}[op]
+    check(lambda h, w, y: F.cross_entropy(sc(h @ w.T).view(-1, V), y.view(-1)), (h, w, y), 1)
+
+
+@pytest.mark.parametrize("spelling", ["gemma", "method", "scaled_first", "reciprocal"])
+def test_softcap(data, spelling):
+    h, w, b, y = data
+    s = 2.5
+
+    def cap(z):
+        if spelling == "gemma":
+            z = z / s
+            z = torch.tanh(z)
+            return z * s
+        if spelling == "method":
+            return s * (z / s).tanh()
+        if spelling == "scaled_first":
+            return s * torch.tanh((z * 0.5) / s)
+        return torch.tanh(z * (1 / s)) * s
+    results = check(lambda h, w, b, y: F.cross_entropy(cap(F.linear(h, w, b)).float().view(-1, V), y.view(-1)),
+                    (h, w, b, y), 1, return_results=True)
+    assert results[0].rewrites[0].options["softcap"] == s
+
+
+@pytest.mark.parametrize("cast", ["float", "to_dtype", "to_kw", "double_then_float"])
+def test_casts(cast):
+    h, w, b, y = make_inputs(d=D, v=V, dtype=torch.float32)
+    c = {"float": lambda z: z.float(), "to_dtype": lambda z: z.to(torch.float32),
+         "to_kw": lambda z: z.to(dtype=torch.float64), "double_then_float": lambda z: z.double().float()}[cast]
+    check(lambda h, w, y: F.cross_entropy(c(h @ w.T).view(-1, V), y.view(-1)), (h, w, y), 1, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_upcast():
+    h, w, b, y = make_inputs(d=D, v=V, dtype=torch.bfloat16)
+    check(lambda h, w, y: F.cross_entropy((h @ w.T).float().view(-1, V), y.view(-1)), (h, w, y), 1,
+          rtol=2e-2, atol=2e-2)
+
+
+def test_autocast_region():
+    h, w, b, y = make_inputs(d=D, v=V, dtype=torch.float32)
+
+    def f(h, w, b, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = F.linear(h, w, b)
+        return F.cross_entropy(z.float().view(-1, V), y.view(-1))
+    check(f, (h, w, b, y), 1, rtol=2e-2, atol=2e-2)
+
+
+def test_autocast_whole():
+    h, w, b, y = make_inputs(d=D, v=V, dtype=torch.float32)
+
+    def f(h, w, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.cross_entropy((h @ w.T).view(-1, V), y.view(-1))
+    check(f, (h, w, y), 1, rtol=2e-2, atol=2e-2)
+
+
+# ---- loss spellings -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spelling", ["F", "torch_fn", "method"])
+def test_log_softmax_nll(data, spelling):
+    h, w, b, y = data
+    ls = {"F": lambda z: F.log_softmax(z, dim=-1), "torch_fn": lambda z: torch.log_softmax(z, -1),
+          "method": lambda z: z.log_softmax(-1)}[spelling]
+    check(lambda h, w, y: F.nll_loss(ls((h @ w.T).float()).view(-1, V), y.view(-1)), (h, w, y), 1)
+
+
+def test_nll_of_flattened_log_softmax_3d(data):
+    h, w, b, y = data
+    check(lambda h, w, y: F.nll_loss(F.log_softmax(h @ w.T, 2).flatten(0, 1), y.flatten()), (h, w, y), 1)
+
+
+@pytest.mark.parametrize("spelling", ["transpose", "permute", "movedim"])
+def test_class_dim_layout(data, spelling):
+    h, w, b, y = data
+    tr = {"transpose": lambda z: z.transpose(1, 2), "permute": lambda z: z.permute(0, 2, 1),
+          "movedim": lambda z: z.movedim(-1, 1)}[spelling]
+    check(lambda h, w, y: F.cross_entropy(tr(h @ w.T), y), (h, w, y), 1)
+
+
+def test_class_dim_nll(data):
+    h, w, b, y = data
+    check(lambda h, w, y: F.nll_loss(F.log_softmax((h @ w.T).transpose(1, 2), dim=1), y, reduction="none"),
+          (h, w, y), 1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore_index", [-100, 0, 4])
+def test_reduction_ignore_index(reduction, ignore_index):
+    h, w, b, y = make_inputs(d=D, v=V, ignore_index=ignore_index)
+    check(lambda h, w, y: F.cross_entropy((h @ w.T).view(-1, V), y.view(-1), ignore_index=ignore_index,
+                                          reduction=reduction), (h, w, y), 1)
+
+
+def test_none_with_downstream_math(data):
+    h, w, b, y = data
+    mask = (torch.arange(10) % 3 != 0).double()
+
+    def f(h, w, y):
+        per_tok = F.cross_entropy((h @ w.T).view(-1, V), y.view(-1), reduction="none")
+        return (per_tok * mask).sum() / mask.sum() + per_tok.max()
+    check(f, (h, w, y), 1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_label_smoothing(data, reduction):
+    h, w, b, y = data
+    check(lambda h, w, y: F.cross_entropy((h @ w.T).view(-1, V), y.view(-1), label_smoothing=0.15,
+                                          reduction=reduction), (h, w, y), 1)
+
+
+@pytest.mark.parametrize("count", ["int", "tensor"])
+def test_sum_over_token_count(data, count):
+    h, w, b, y = data
+    n = 7 if count == "int" else torch.tensor(7.0, dtype=torch.float64)
+    check(lambda h, w, y, n: F.cross_entropy((h @ w.T).view(-1, V), y.view(-1), reduction="sum") / n,
+          (h, w, y, n), 1)
+
+
+# ---- label shifting ------------------------------------------------------------------------
+
+def test_shift_labels_by_pad(data):
+    """HF's ForCausalLMLoss: labels = pad(labels, (0, 1), value=-100)[..., 1:]."""
+    h, w, b, y = data
+
+    def f(h, w, y):
+        logits = F.linear(h, w).float()
+        labels = F.pad(y, (0, 1), value=-100)[..., 1:].contiguous()
+        return F.cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=-100)
+    check(f, (h, w, y), 1)
+
+
+@pytest.mark.parametrize("spelling", ["slice", "ellipsis", "contiguous_view"])
+def test_shift_by_slicing_logits(data, spelling):
+    h, w, b, y = data
+
+    def f(h, w, y):
+        logits = h @ w.T
+        if spelling == "slice":
+            z = logits[:, :-1].reshape(-1, V)
+        elif spelling == "ellipsis":
+            z = logits[..., :-1, :].reshape(-1, V)
+        else:
+            z = logits[:, :-1, :].contiguous().view(-1, V)
+        return F.cross_entropy(z, y[:, 1:].reshape(-1))
+    check(f, (h, w, y), 1)
+
+
+def test_hf_noop_slice_and_noncontiguous_hidden(data):
+    """``h[:, slice(0, None), :]`` then a linear; hidden is a transposed (non-contiguous) view."""
+    h, w, b, y = data
+    hs = h.detach().transpose(0, 1).contiguous().requires_grad_()  # [T, B, D]
+
+    def f(hs, w, y):
+        h = hs.transpose(0, 1)[:, 0:, :]
+        return F.cross_entropy(F.linear(h, w).view(-1, V), y.view(-1))
+    check(f, (hs, w, y), 1)
+
+
+# ---- z-loss --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["same_cast", "separate_cast", "keepdim", "flat"])
+def test_z_loss_served(data, where):
+    h, w, b, y = data
+
+    def f(h, w, b, y):
+        z = 3.0 * torch.tanh(F.linear(h, w, b) / 3.0)
+        zf = z.float()
+        ce = F.cross_entropy(zf.view(-1, V), y.view(-1))
+        if where == "same_cast":
+            lse = torch.logsumexp(zf, dim=-1)
+        elif where == "separate_cast":
+            lse = z.float().logsumexp(-1)
+        elif where == "keepdim":
+            lse = torch.logsumexp(zf, -1, keepdim=True)
+        else:
+            lse = torch.logsumexp(zf.view(-1, V), -1)
+        return ce + 1e-2 * (lse ** 2).mean()
+    results = check(f, (h, w, b, y), 1, return_results=True)
+    r = results[0].rewrites[0]
+    assert r.lse_served == 1 and not r.logits_kept
+
+
+def test_z_loss_of_unsliced_logits_keeps_logits(data):
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = h @ w.T
+        ce = F.cross_entropy(z[:, :-1].reshape(-1, V), y[:, 1:].reshape(-1))
+        return ce + 1e-2 * torch.logsumexp(z, -1).pow(2).mean()
+    results = check(f, (h, w, y), 1, return_results=True)
+    assert results[0].rewrites[0].lse_served == 0 and results[0].rewrites[0].logits_kept
+
+
+# ---- logits with other users -------------------------------------------------------------------
+
+def test_logits_returned(data):
+    h, w, b, y = data
+
+    def f(h, w, y):
+        logits = h @ w.T
+        return F.cross_entropy(logits.float().view(-1, V), y.view(-1)), logits
+    results = check(f, (h, w, y), 1, return_results=True)
+    r = results[0].rewrites[0]
+    assert r.logits_kept and any("logits kept" in n for n in r.notes)
+
+
+def test_two_losses_one_matmul(data):
+    h, w, b, y = data
+    y2 = torch.flip(y, [0])
+
+    def f(h, w, y, y2):
+        z = (h @ w.T).view(-1, V)
+        return F.cross_entropy(z, y.view(-1)) + 0.5 * F.cross_entropy(z, y2.reshape(-1), reduction="sum")
+    check(f, (h, w, y, y2), 2)
+
+
+# ---- negatives: left exactly as they were --------------------------------------------------------
+
+def _miss(fn, args, reason_part):
+    compiled, results = compile_counting(fn)
+    out = compiled(*args)
+    torch.testing.assert_close(out, fn(*args))
+    assert n_rewrites(results) == 0
+    misses = results[-1].misses
+    assert misses and reason_part in misses[0].reason, misses
+
+
+def test_negative_soft_targets(data):
+    h, w, b, y = data
+    p = torch.softmax(torch.randn(10, V, dtype=torch.float64), -1)
+    _miss(lambda h, w, p: F.cross_entropy((h @ w.T).view(-1, V), p), (h, w, p), "soft")
+
+
+def test_negative_class_weight(data):
+    h, w, b, y = data
+    cw = torch.rand(V, dtype=torch.float64)
+    _miss(lambda h, w, y: F.cross_entropy((h @ w.T).view(-1, V), y.view(-1), weight=cw), (h, w, y), "weight")
+
+
+@pytest.mark.parametrize("op", ["tensor_scale", "relu", "square", "scale_after_softcap", "bias_after_scale"])
+def test_negative_math_between(data, op):
+    h, w, b, y = data
+    s = torch.tensor(2.0, dtype=torch.float64)
+    ep = {"tensor_scale": lambda z: z * s, "relu": torch.relu, "square": lambda z: z * z,
+          "scale_after_softcap": lambda z: 2.0 * (3.0 * torch.tanh(z / 3.0)),
+          "bias_after_scale": lambda z: z * 2.0 + b}[op]
+    _miss(lambda h, w, y: F.cross_entropy(ep(h @ w.T).view(-1, V), y.view(-1)), (h, w, y), "")
+
+
+def test_negative_class_dim_not_vocab(data):
+    h, w, b, y = data
+    # (B, T, V) given as (N, C, d): class dim is T, not V
+    yy = torch.randint(0, 5, (2, V))
+    _miss(lambda h, w, y: F.cross_entropy(h @ w.T, y), (h, w, yy), "class dim")
+
+
+def test_negative_vocab_slice(data):
+    """``z[..., :V-1]`` touches the class dim: not a row op."""
+    h, w, b, y = data
+    yy = y.clamp(0, V - 2)
+    _miss(lambda h, w, y: F.cross_entropy((h @ w.T)[..., :-1].reshape(-1, V - 1), y.view(-1)), (h, w, yy), "")
+
+
+def test_no_matmul_no_report():
+    z = torch.randn(10, V, dtype=torch.float64)
+    y = torch.randint(0, V, (10,))
+    compiled, results = compile_counting(lambda z, y: F.cross_entropy(z, y))
+    compiled(z, y)
+    assert n_rewrites(results) == 0 and not [m for r in results for m in r.misses]
+
+
+# ---- through full Inductor ------------------------------------------------------------------
+
+def test_inductor_inner_softcap_shift():
+    h, w, b, y = make_inputs(d=D, v=V, dtype=torch.float32)
+
+    def f(h, w, b, y):
+        z = 2.0 * torch.tanh(F.linear(h, w, b) / 2.0)
+        return F.cross_entropy(z[:, :-1].float().reshape(-1, V), y[:, 1:].reshape(-1), label_smoothing=0.1)
+    check(f, (h, w, b, y), 1, inner="inductor", rtol=1e-5, atol=1e-5)
