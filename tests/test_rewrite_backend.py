@@ -1,0 +1,155 @@
+"""The ways in: make_backend(inner=...), backend="cce", install()/uninstall(), explain()."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import cce_inductor.backend as B
+from cce_inductor.api import linear_cross_entropy
+from cce_inductor.explain import explain
+from test_rewrite_util import _reset_dynamo, check, make_inputs  # noqa: F401
+
+V, D = 11, 6
+
+
+def loss_fn(h, w, y):
+    return F.cross_entropy((h @ w.T).float().view(-1, V), y.view(-1))
+
+
+def _op_in_graph(gm):
+    return any(n.target is linear_cross_entropy for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "eager", "callable"])
+def test_make_backend_inner_independent(inner):
+    seen = []
+
+    def my_backend(gm, example_inputs):
+        seen.append(_op_in_graph(gm))
+        return gm.forward
+    h, w, b, y = make_inputs(d=D, v=V)
+    check(loss_fn, (h, w, y), 1, inner=my_backend if inner == "callable" else inner)
+    if inner == "callable":
+        assert seen and all(seen)
+
+
+def test_backend_name_registered():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("cce") is B.cce_backend
+
+
+class _CountingPass(CustomGraphPass):
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, graph):
+        self.calls += 1
+
+    def uuid(self):
+        return "counting-pass-v1"
+
+
+def test_install_runs_in_plain_compile_and_uninstalls():
+    h, w, b, y = make_inputs(d=D, v=V, dtype=torch.float32)
+    assert inductor_config.pre_grad_custom_pass is None
+    with B.install():
+        assert B.is_installed()
+        with B.install():  # nested: idempotent, does not uninstall the outer one on exit
+            pass
+        assert B.is_installed()
+        out = torch.compile(loss_fn)(h, w, y)
+        out.backward()
+    assert inductor_config.pre_grad_custom_pass is None and not B.is_installed()
+    g = h.grad.clone()
+    h.grad = None
+    ref = loss_fn(h, w, y)
+    ref.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, h.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_install_composes_with_user_pass():
+    user = _CountingPass()
+    with inductor_config.patch(pre_grad_custom_pass=user):
+        B.install()
+        try:
+            p = inductor_config.pre_grad_custom_pass
+            assert isinstance(p, B.ComposedPass) and p.passes[0] is user
+            assert p.uuid() == ("cce_inductor.composed", ("counting-pass-v1", B.CCEGraphPass().uuid()))
+            results = []
+            # drive the installed pass directly on a Dynamo graph (no Inductor compile: fast)
+
+            def grab(gm, ex):
+                inductor_config.pre_grad_custom_pass(gm.graph)
+                gm.recompile()
+                results.append(_op_in_graph(gm))
+                return gm.forward
+            h, w, b, y = make_inputs(d=D, v=V)
+            torch.compile(loss_fn, backend=grab)(h, w, y)
+            assert user.calls == 1 and results == [True]
+        finally:
+            B.uninstall()
+        assert inductor_config.pre_grad_custom_pass is user
+
+
+def test_install_composes_with_list_of_passes():
+    a, b = _CountingPass(), _CountingPass()
+    with inductor_config.patch(pre_grad_custom_pass=[a, b]):
+        with B.install():
+            p = inductor_config.pre_grad_custom_pass
+            assert isinstance(p, B.ComposedPass) and p.passes[:2] == (a, b)
+        assert inductor_config.pre_grad_custom_pass == [a, b]
+
+
+def test_uuid_is_stable_and_truthy():
+    u1, u2 = B.CCEGraphPass().uuid(), B.CCEGraphPass().uuid()
+    assert u1 and u1 == u2
+    assert any(p.endswith("rewrite.py") for p in B._source_files())
+
+
+def test_explain_report(capsys):
+    h, w, b, y = make_inputs(d=D, v=V)
+    cw = torch.rand(V, dtype=torch.float64)
+
+    def f(h, w, b, y):
+        a = F.cross_entropy(F.linear(h, w, b)[:, :-1].reshape(-1, V), y[:, 1:].reshape(-1), label_smoothing=0.1)
+        c = F.cross_entropy((h @ w.T).view(-1, V), y.view(-1), weight=cw)  # class weights: left alone
+        return a + c
+    report = explain(f, h, w, b, y)
+    assert len(report.rewrites) == 1 and len(report.misses) == 1
+    r = report.rewrites[0]
+    assert (r.N, r.D, r.V) == (8, D, V) and r.options["label_smoothing"] == 0.1 and r.options["bias"]
+    assert "test_rewrite_backend.py" in r.where and "F.cross_entropy" in r.where
+    assert r.saved_bytes and r.saved_bytes > 0
+    assert "weight" in report.misses[0].reason
+    print(report)
+    text = capsys.readouterr().out
+    assert "Rewritten:" in text and "Left alone:" in text and "label_smoothing=0.1" in text
+    # no compiled code left behind
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    assert not _debug_get_cache_entry_list(f.__code__)
+
+
+def test_explain_with_graph_break():
+    h, w, b, y = make_inputs(d=D, v=V)
+
+    def f(h, w, y):
+        z = h @ w.T
+        print("graph break")  # noqa: T201
+        return F.cross_entropy(z.view(-1, V), y.view(-1))
+    report = explain(f, h, w, y)
+    # the matmul and the loss end up in different graphs: nothing to rewrite, no false report either
+    assert report.graphs >= 2 and not report.rewrites
+
+
+def test_logging(caplog):
+    h, w, b, y = make_inputs(d=D, v=V)
+    with caplog.at_level(logging.INFO, logger="cce_inductor"):
+        check(loss_fn, (h, w, y), 1)
+    assert any("rewrote cross_entropy" in rec.getMessage() for rec in caplog.records)
