@@ -1,10 +1,12 @@
-"""Shared data helpers for the examples: a real-text corpus that every machine already has (the Python
+"""Shared helpers for the examples: a real-text corpus that every machine already has (the Python
 standard library's own ``.py`` sources), a byte-level BPE tokenizer trained on it locally with the
 ``tokenizers`` package, and a token stream cached on disk.
 
 Nothing is downloaded. The tokenizer and the encoded token stream are cached under
 ``$CCE_CACHE_DIR`` (default ``~/.cache/cce_inductor``), keyed by vocabulary size and a fingerprint of the
 corpus (a SHA-1 of the selected files' contents), so a second run starts at once.
+
+Also :func:`profile_step`: the peak memory and the number of ``cce::`` op calls of one training step.
 """
 from __future__ import annotations
 
@@ -125,3 +127,43 @@ class TokenBlocks(torch.utils.data.Dataset):
     def __getitem__(self, i):
         b = self.blocks[i]
         return {"input_ids": b, "labels": b}
+
+
+def profile_step(step_fn, device):
+    """Run ``step_fn()`` (one training step) and return ``(its result, peak bytes, cce op calls)``.
+
+    Peak bytes: the most memory the step allocated on top of what was live when it began.
+    CUDA: ``torch.cuda.max_memory_allocated()`` after a reset, minus ``memory_allocated()`` before.
+    CPU:  the same quantity for torch's CPU allocator, from the allocation/free events that
+          ``torch.profiler(profile_memory=True)`` records for every tensor, whether allocated by an
+          eager op or by an Inductor-generated kernel: the running sum of allocation sizes, maximised.
+    cce op calls: profiler events of the ``cce::`` custom ops (forward and backward), i.e. proof that
+    the compiled step really ran the rewritten loss.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=not cuda) as prof:
+        out = step_fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    cce_calls = sum(1 for e in prof.events() if e.name.startswith("cce::"))
+    if cuda:
+        return out, torch.cuda.max_memory_allocated(device) - base, cce_calls
+    allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        ev = stack.pop()
+        if ev.tag == _EventType.Allocation and ev.extra_fields.device.type == "cpu":
+            allocs.append((ev.start_time_ns, ev.extra_fields.alloc_size))
+        stack.extend(ev.children)
+    cur = peak = 0
+    for _, size in sorted(allocs):
+        cur += size
+        peak = max(peak, cur)
+    return out, peak, cce_calls

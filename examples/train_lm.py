@@ -93,7 +93,7 @@ class GPT(nn.Module):
 # ------------------------------------------------------------------------------------------- presets
 
 PRESETS = {  # d_model, n_layer, n_head, seq, batch, steps, lr, vocab, corpus_bytes
-    "cpu": dict(d_model=128, n_layer=2, n_head=4, seq=128, batch=8, steps=30, lr=3e-3, vocab=32768,
+    "cpu": dict(d_model=64, n_layer=2, n_head=4, seq=128, batch=16, steps=30, lr=3e-3, vocab=32768,
                 corpus_bytes=4_000_000),
     "cuda": dict(d_model=1024, n_layer=8, n_head=16, seq=1024, batch=8, steps=100, lr=6e-4, vocab=65536,
                  corpus_bytes=16_000_000),
@@ -108,44 +108,6 @@ PRESETS = {  # d_model, n_layer, n_head, seq, batch, steps, lr, vocab, corpus_by
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def profiled_step(step_fn, device):
-    """Run one training step and return (peak bytes above the step's start, number of cce op calls).
-
-    CUDA: ``torch.cuda.max_memory_allocated()`` after a reset, minus what was allocated at the start.
-    CPU:  the same quantity for torch's CPU allocator, from the allocation events that
-          ``torch.profiler(profile_memory=True)`` records for every tensor allocation and free (this
-          covers eager ops and Inductor-generated kernels' buffers alike): the running sum of the
-          allocation sizes, maximised over the step.
-    Either way it is the transient memory of forward + backward + optimizer step, on top of what
-    is already live (weights, gradients from the previous step are freed, optimizer state).
-    """
-    from torch.profiler import ProfilerActivity, profile
-    from torch._C._profiler import _EventType
-
-    acts = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    with profile(activities=acts, profile_memory=device.type == "cpu") as prof:
-        loss = step_fn()
-        _sync(device)
-    cce_calls = sum(1 for e in prof.events() if e.name.startswith("cce::"))
-    if device.type == "cuda":
-        return loss, torch.cuda.max_memory_allocated(device) - base, cce_calls
-    cur = peak = 0
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    allocs = []
-    while stack:
-        ev = stack.pop()
-        if ev.tag == _EventType.Allocation and ev.extra_fields.device.type == "cpu":
-            allocs.append((ev.start_time_ns, ev.extra_fields.alloc_size))
-        stack.extend(ev.children)
-    for _, size in sorted(allocs):
-        cur += size
-        peak = max(peak, cur)
-    return loss, peak, cce_calls
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -191,7 +153,7 @@ def train(variant, cfg, batches, lr, device, inner="inductor", measure_step=1, a
         _sync(device)
         t0 = time.perf_counter()
         if i == measure_step:
-            loss, peak, cce_calls = profiled_step(lambda: step(x, y), device)
+            loss, peak, cce_calls = _data.profile_step(lambda: step(x, y), device)
         else:
             loss = step(x, y)
             _sync(device)

@@ -1,0 +1,159 @@
+"""A Hugging Face ``LlamaForCausalLM`` trained with ``transformers.Trainer`` and Cut Cross-Entropy,
+without touching the model's code: the rewrite finds Llama's own lm-head + loss in the compiled graph.
+
+    python examples/hf_trainer.py                 # CPU: a small Llama, a few dozen steps
+    python examples/hf_trainer.py --baseline      # also train with plain Inductor and compare memory
+    python examples/hf_trainer.py --device cuda   # a bigger Llama in bf16
+
+Two ways to switch it on:
+
+* ``--how install`` (default): ``cce_inductor.install()`` adds the rewrite to Inductor itself, so the
+  Trainer's ordinary ``TrainingArguments(torch_compile=True)`` (backend "inductor") gets it.
+* ``--how backend``: ``TrainingArguments(torch_compile=True, torch_compile_backend="cce")``, the backend
+  name alone. Trainer hands the name to ``accelerate``'s ``TorchDynamoPlugin``, which (accelerate
+  1.2 - 1.15 at least) only accepts the names in its ``DynamoBackend`` enum and rejects "cce" with
+  ``ValueError: 'CCE' is not a valid DynamoBackend``; this script then says so and stops.
+
+The model is built from a small ``LlamaConfig`` (no download) and trained on the same data as
+``train_lm.py``: the Python standard library's sources, BPE-tokenized locally, as blocks of tokens.
+Before training, ``cce_inductor.explain`` prints what the rewrite does to one step's loss; during
+training one step is profiled to show the ``cce::`` op really ran and how much memory it took.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _data  # noqa: E402
+
+PRESETS = {
+    "cpu": dict(hidden=128, layers=2, heads=4, kv_heads=2, seq=128, batch=8, steps=30, lr=2e-3, vocab=32768,
+                corpus_bytes=4_000_000),
+    "cuda": dict(hidden=1024, layers=8, heads=16, kv_heads=8, seq=1024, batch=8, steps=60, lr=6e-4, vocab=65536,
+                 corpus_bytes=16_000_000),
+    "tiny": dict(hidden=32, layers=1, heads=2, kv_heads=1, seq=32, batch=4, steps=4, lr=3e-3, vocab=512,
+                 corpus_bytes=300_000),
+}
+
+
+def build_model(p, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=int(p["hidden"] * 8 / 3) // 8 * 8,
+                      num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
+                      max_position_embeddings=p["seq"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
+
+
+def make_trainer(model, dataset, p, device, how, probe_step, out_dir):
+    from transformers import Trainer, TrainingArguments
+
+    class ProbedTrainer(Trainer):
+        """Profiles one training step (forward + backward): peak memory and cce op calls."""
+
+        probe = None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.state.global_step != probe_step:
+                return super().training_step(model, inputs, num_items_in_batch)
+            out, peak, calls = _data.profile_step(
+                lambda: super(ProbedTrainer, self).training_step(model, inputs, num_items_in_batch), device)
+            self.probe = dict(peak_bytes=peak, cce_calls=calls)
+            return out
+
+    args = TrainingArguments(
+        output_dir=out_dir, max_steps=p["steps"], per_device_train_batch_size=p["batch"], learning_rate=p["lr"],
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.1, max_grad_norm=1.0,
+        logging_steps=1, logging_strategy="steps", save_strategy="no", report_to="none",
+        use_cpu=device.type != "cuda", bf16=device.type == "cuda", dataloader_num_workers=0,
+        disable_tqdm=False, seed=0, data_seed=0,
+        torch_compile=True, torch_compile_backend="cce" if how == "backend" else "inductor",
+    )
+    return ProbedTrainer(model=model, args=args, train_dataset=dataset)
+
+
+def run(p, device, how, dataset, probe_step=1, out_dir=None):
+    """Train one model; returns dict(losses, peak_bytes, cce_calls)."""
+    import cce_inductor
+
+    torch._dynamo.reset()
+    model = build_model(p).to(device)
+    out_dir = out_dir or tempfile.mkdtemp(prefix="cce_hf_")
+    # "backend" (the name alone) and "none" (plain Inductor, the baseline) install nothing
+    with cce_inductor.install() if how == "install" else contextlib.nullcontext():
+        trainer = make_trainer(model, dataset, p, device, how, probe_step, out_dir)
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return dict(losses=losses, **(trainer.probe or dict(peak_bytes=float("nan"), cce_calls=0)))
+
+
+def explain_one_step(p, dataset, device):
+    """What ``cce_inductor.explain`` reports for one step's loss, as Trainer computes it."""
+    import cce_inductor
+
+    model = build_model(p).to(device)
+    batch = torch.stack([dataset[i]["input_ids"] for i in range(p["batch"])]).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return cce_inductor.explain(lambda ids, labels: model(input_ids=ids, labels=labels).loss, batch, batch)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--vocab-size", type=int, default=None)
+    ap.add_argument("--how", default="install", choices=["install", "backend"],
+                    help="install: cce_inductor.install() + torch_compile=True; backend: torch_compile_backend='cce'")
+    ap.add_argument("--baseline", action="store_true", help="also train with plain Inductor and compare memory")
+    ap.add_argument("--tiny", action="store_true", help="tiny model and vocab, few steps (tests)")
+    ap.add_argument("--cache-dir", default=str(_data.DEFAULT_CACHE))
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    p = dict(PRESETS["tiny" if args.tiny else ("cuda" if device.type == "cuda" else "cpu")])
+    if args.steps is not None:
+        p["steps"] = max(args.steps, 3)
+    if args.vocab_size is not None:
+        p["vocab"] = args.vocab_size
+    tokens = _data.get_tokens(p["vocab"], p["corpus_bytes"], args.cache_dir)
+    dataset = _data.TokenBlocks(tokens, p["seq"])
+    print(f"LlamaForCausalLM hidden={p['hidden']} layers={p['layers']} vocab={p['vocab']} | "
+          f"{len(dataset)} blocks of {p['seq']} tokens, batch {p['batch']}, {p['steps']} steps on {device}")
+
+    report = explain_one_step(p, dataset, device)
+    print(report)
+
+    runs = {}
+    try:
+        runs[args.how] = run(p, device, args.how, dataset)
+    except ValueError as ex:
+        if args.how == "backend" and "DynamoBackend" in str(ex):
+            print(f"\nTrainer could not take torch_compile_backend='cce': {ex}\n"
+                  "accelerate's TorchDynamoPlugin accepts only its DynamoBackend enum names. Use --how install "
+                  "(cce_inductor.install() + torch_compile=True), or compile the model yourself with "
+                  "torch.compile(model, backend='cce') outside Trainer.")
+            return dict(report=report, runs=runs, error=str(ex))
+        raise
+    if args.baseline:
+        runs["none"] = run(p, device, "none", dataset)
+
+    names = {"install": "Inductor + cce_inductor.install()", "backend": 'backend="cce"', "none": "Inductor (no cce)"}
+    print(f"\n{'Trainer run':36s} {'peak MB (fwd+bwd)':>18s} {'cce op calls':>13s} {'first loss':>11s} {'last loss':>10s}")
+    for k, r in runs.items():
+        print(f"{names[k]:36s} {r['peak_bytes'] / 2**20:18.1f} {r['cce_calls']:13d} {r['losses'][0]:11.4f} "
+              f"{r['losses'][-1]:10.4f}")
+    return dict(report=report, runs=runs, rewrites=len(report.rewrites))
+
+
+if __name__ == "__main__":
+    main()
