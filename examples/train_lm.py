@@ -92,7 +92,7 @@ class GPT(nn.Module):
 
 # ------------------------------------------------------------------------------------------- presets
 
-PRESETS = {  # d_model, n_layer, n_head, seq, batch, steps, lr, vocab, corpus_bytes
+PRESETS = {
     "cpu": dict(d_model=64, n_layer=2, n_head=4, seq=128, batch=16, steps=30, lr=3e-3, vocab=32768,
                 corpus_bytes=4_000_000),
     "cuda": dict(d_model=1024, n_layer=8, n_head=16, seq=1024, batch=8, steps=100, lr=6e-4, vocab=65536,
@@ -102,15 +102,12 @@ PRESETS = {  # d_model, n_layer, n_head, seq, batch, steps, lr, vocab, corpus_by
 }
 
 
-# ----------------------------------------------------------------------------------------- measuring
+# ------------------------------------------------------------------------------------------ training
 
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# ------------------------------------------------------------------------------------------ training
 
 
 def make_model(cfg: GPTConfig, device, seed: int = 0) -> GPT:
@@ -235,9 +232,9 @@ def main(argv=None):
     if p["steps"] < 3:
         raise SystemExit("--steps must be >= 3 (step 0 compiles, step 1 is profiled for memory)")
     autocast = torch.bfloat16 if device.type == "cuda" else None
+    labels = dict(LABELS)
     if args.inner != "inductor":
-        LABELS["compile"] = f"torch.compile[{args.inner}]"
-        LABELS["cce"] = f"cce[{args.inner}]"
+        labels.update(compile=f"torch.compile[{args.inner}]", cce=f"cce[{args.inner}]")
 
     tokens = _data.get_tokens(p["vocab"], p["corpus_bytes"], args.cache_dir)
     cfg = GPTConfig(vocab_size=p["vocab"], seq_len=p["seq"], d_model=p["d_model"], n_layer=p["n_layer"],
@@ -257,8 +254,8 @@ def main(argv=None):
 
     results = []
     for v in args.variants.split(","):
-        r = train(v, cfg, batches, p["lr"], device, inner=args.inner, autocast=autocast, desc=LABELS[v])
-        r["label"] = LABELS[v]
+        r = train(v, cfg, batches, p["lr"], device, inner=args.inner, autocast=autocast, desc=labels[v])
+        r["label"] = labels[v]
         results.append(r)
         print(f"  {r['label']:30s} done: first step (incl. compile) {r['first_step_s']:.1f}s, "
               f"final loss {r['losses'][-1]:.4f}", flush=True)

@@ -1,0 +1,85 @@
+"""The examples run end to end at a tiny size, the rewrite fires in them, and it changes no numbers.
+
+``train_lm`` uses the ``aot_eager`` inner compiler by default here (seconds); the Inductor variant and
+the HF Trainer example (which needs Inductor: ``cce_inductor.install()`` hooks it) compile for real
+and are marked slow (~20-60 s each on 2 CPU cores).
+"""
+import importlib
+import math
+import os
+import sys
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def _example(name):
+    sys.path.insert(0, EXAMPLES)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cce_cache"))
+
+
+def _check_train_lm(out, png):
+    assert out["rewrites"] == 1, out["report"]
+    assert len(out["report"].misses) == 0, out["report"]
+    by = {r["variant"]: r for r in out["results"]}
+    assert set(by) == {"eager", "compile", "cce"}
+    # the cce op really ran in the profiled step (forward + backward), and only in the cce variant
+    assert by["cce"]["cce_calls"] == 2
+    assert by["eager"]["cce_calls"] == by["compile"]["cce_calls"] == 0
+    # same init, same batches: every step's loss agrees across the three ways
+    steps = out["preset"]["steps"]
+    for r in by.values():
+        assert len(r["losses"]) == steps and all(math.isfinite(x) for x in r["losses"])
+        assert r["peak_bytes"] > 0 and r["tokens_per_s"] > 0
+        for a, b in zip(r["losses"], by["eager"]["losses"]):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
+    assert by["eager"]["losses"][-1] < by["eager"]["losses"][0]  # it learns
+    assert os.path.getsize(png) > 10_000
+
+
+def test_train_lm_tiny_aot_eager(tmp_path, cache_dir):
+    train_lm = _example("train_lm")
+    png = tmp_path / "curves.png"
+    out = train_lm.main(["--tiny", "--inner", "aot_eager", "--out", str(png), "--cache-dir", cache_dir])
+    _check_train_lm(out, png)
+
+
+@pytest.mark.slow
+def test_train_lm_tiny_inductor(tmp_path, cache_dir):
+    train_lm = _example("train_lm")
+    png = tmp_path / "curves.png"
+    out = train_lm.main(["--tiny", "--steps", "4", "--out", str(png), "--cache-dir", cache_dir])
+    _check_train_lm(out, png)
+
+
+def test_data_is_deterministic_and_cached(cache_dir):
+    _data = _example("_data")
+    a = _data.get_tokens(512, 300_000, cache_dir, verbose=False)
+    b = _data.get_tokens(512, 300_000, cache_dir, verbose=False)
+    assert a.equal(b) and a.numel() > 10_000 and int(a.max()) < 512
+    files = os.listdir(cache_dir)
+    assert any(f.startswith("bpe-v512-") for f in files) and any(f.startswith("tokens-") for f in files)
+    x1, y1 = _data.make_batches(a, 3, 2, 16, seed=0)[2]
+    x2, y2 = _data.make_batches(a, 3, 2, 16, seed=0)[2]
+    assert x1.equal(x2) and y1.equal(y2) and x1[:, 1:].equal(y1[:, :-1])
+
+
+@pytest.mark.slow
+def test_hf_trainer_tiny(cache_dir):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    hf = _example("hf_trainer")
+    out = hf.main(["--tiny", "--device", "cpu", "--cache-dir", cache_dir])
+    assert out["rewrites"] == 1, out["report"]
+    run = out["runs"]["install"]
+    assert run["cce_calls"] == 2  # the Trainer's compiled step ran the cce op, forward and backward
+    assert len(run["losses"]) == 4 and all(math.isfinite(x) for x in run["losses"])
