@@ -1,0 +1,138 @@
+"""Hugging Face models from tiny configs (no downloads): the rewrite fires once and is exact.
+
+Two ways each model reaches the compiler:
+
+* ``torch.compile(lambda ids, labels: model(input_ids=ids, labels=labels).loss, fullgraph=True)``
+* ``torch.compile(model)`` (what HF Trainer does): the graph also returns the logits, so the original
+  lm_head linear stays for them and only the loss is rewritten (the fp32 upcast and log-softmax copies
+  are what is saved).
+
+GPT-2 (and the other HF classes with ``loss_type=None``) graph-break between lm_head and the loss on a
+``logger.warning_once``; setting ``model.loss_type = "ForCausalLM"`` keeps one graph, and the rewrite
+then fires (without it the matmul and the loss are in different graphs and nothing can be rewritten).
+
+Models are float64 and in eval mode (no dropout) so every comparison is tight; HF's loss upcasts the
+logits with ``.float()``, so eager computes its cross-entropy in fp32: tolerances are fp32-level.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cce_inductor.backend import make_backend
+from test_rewrite_util import _reset_dynamo  # noqa: F401
+
+T = pytest.importorskip("transformers")
+
+V = 97
+COMMON = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+              max_position_embeddings=64)
+
+MODELS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=1)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_key_value_heads=1, head_dim=8,
+                                                         final_logit_softcapping=5.0)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=1, pad_token_id=0)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict()),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(num_key_value_heads=1)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                                   bos_token_id=0, eos_token_id=0)),
+    "bert_mlm": ("BertConfig", "BertForMaskedLM", dict()),
+}
+
+
+def _model(name):
+    cfg_cls, model_cls, extra = MODELS[name]
+    torch.manual_seed(0)
+    model = getattr(T, model_cls)(getattr(T, cfg_cls)(**COMMON, **extra)).double().eval()
+    if name == "gpt2":
+        model.loss_type = "ForCausalLM"  # the documented workaround for GPT-2's graph break
+    return model
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (2, 9), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, -2:] = -100
+    return ids, labels
+
+
+def _grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def _assert_grads_close(got, want):
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert (g is None) == (w is None), i
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"param {i}: {m}")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_hf_loss_lambda(name):
+    model = _model(name)
+    ids, labels = _batch()
+    results = []
+
+    def f(ids, labels):
+        return model(input_ids=ids, labels=labels).loss
+    compiled = torch.compile(f, backend=make_backend("aot_eager", on_result=results.append), fullgraph=True)
+    got = compiled(ids, labels)
+    got_g = _grads(model, got)
+    want = f(ids, labels)
+    want_g = _grads(model, want)
+    assert len(results[-1].rewrites) == 1, (results[-1].rewrites, results[-1].misses)
+    r = results[-1].rewrites[0]
+    if name == "gemma2":
+        assert r.options.get("softcap") == 5.0
+    if name == "bert_mlm":
+        assert r.options.get("bias")
+    assert not r.logits_kept
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_grads_close(got_g, want_g)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "bert_mlm"])
+def test_hf_whole_model_compiled(name):
+    """torch.compile(model): logits are a graph output too; loss, logits and all gradients (through
+    both the loss and the logits) stay exact."""
+    model = _model(name)
+    ids, labels = _batch()
+    results = []
+    compiled = torch.compile(model, backend=make_backend("aot_eager", on_result=results.append))
+    out = compiled(input_ids=ids, labels=labels)
+    got_g = _grads(model, out.loss + 1e-2 * out.logits.float().square().mean())
+    ref = model(input_ids=ids, labels=labels)
+    want_g = _grads(model, ref.loss + 1e-2 * ref.logits.float().square().mean())
+    rewrites = {r.where for res in results for r in res.rewrites}
+    assert len(rewrites) == 1, [res.misses for res in results]
+    assert all(r.logits_kept for res in results for r in res.rewrites)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-9, atol=1e-9)
+    _assert_grads_close(got_g, want_g)
+
+
+def test_hf_num_items_in_batch_and_inductor():
+    """``num_items_in_batch`` (reduction='sum' then a division: downstream math), through full Inductor."""
+    model = _model("llama").float()
+    ids, labels = _batch()
+    n = torch.tensor(11)
+    results = []
+
+    def f(ids, labels, n):
+        return model(input_ids=ids, labels=labels, num_items_in_batch=n).loss
+    compiled = torch.compile(f, backend=make_backend("inductor", on_result=results.append), fullgraph=True)
+    got = compiled(ids, labels, n)
+    got_g = _grads(model, got)
+    want = f(ids, labels, n)
+    want_g = _grads(model, want)
+    assert len(results[-1].rewrites) == 1 and results[-1].rewrites[0].options["reduction"] == "sum"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_g, want_g):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
