@@ -107,33 +107,34 @@ def sweep(h, w, t, base):
     N, D = h.shape
     V = w.shape[0]
     res = {}
-    fwd_tiles = [Tile(128, 128, 64, 8, 3), Tile(128, 256, 64, 8, 3), Tile(128, 128, 64, 4, 4),
-                 Tile(256, 128, 64, 8, 3)]
-    for tile in fwd_tiles:
-        cfg = base.with_(forward=tile)
+    fwd = {"fwd base": base, "fwd 128x256x64 w8 s4": base.with_(forward=Tile(128, 256, 64, 8, 4)),
+           "fwd splits=8": base.with_(splits=8), "fwd splits=32": base.with_(splits=32)}
+    for name, cfg in fwd.items():
         try:
-            res[f"fwd {tile}"] = bench(lambda: triton_forward(h, w, None, t, OPTS, config=cfg), ms=200)
+            res[name] = bench(lambda: triton_forward(h, w, None, t, OPTS, config=cfg), ms=300)
         except Exception as exc:  # out of resources etc.
-            res[f"fwd {tile}"] = f"error: {type(exc).__name__}: {str(exc)[:100]}"
+            res[name] = f"error: {type(exc).__name__}: {str(exc)[:100]}"
     _, lse = triton_forward(h, w, None, t, OPTS, config=base)
     grad = torch.full((N,), 1.0 / N, device="cuda")
 
     def bwd(cfg):
         return lambda: triton_backward(grad, None, h, w, None, t, lse, OPTS, config=cfg)
 
-    variants = {}
-    for tile in [Tile(128, 128, 64, 8, 3), Tile(128, 256, 64, 8, 3), Tile(128, 128, 64, 4, 4)]:
-        variants[f"draw {tile}"] = base.with_(draw=tile)
-    for tile in [Tile(128, 128, 64, 8, 3), Tile(128, 256, 64, 8, 3), Tile(256, 128, 64, 8, 3),
-                 Tile(128, 128, 64, 4, 4)]:
-        variants[f"dhidden {tile}"] = base.with_(dhidden=tile)
-    for mib in (16, 32, 64):
-        variants[f"chunk {mib} MiB"] = base.with_(chunk_bytes=mib * MiB)
+    variants = {
+        "bwd base": base,
+        "bwd draw vocab-fastest": base.with_(draw_vocab_fastest=True),
+        "bwd draw 128x256x64 w8 s4": base.with_(draw=Tile(128, 256, 64, 8, 4)),
+        "bwd dhidden d-fastest": base.with_(dhidden_d_fastest=True),
+        "bwd dhidden 128x256x64 w8 s4": base.with_(dhidden=Tile(128, 256, 64, 8, 4)),
+        "bwd dhidden 256x128x64 w8 s3": base.with_(dhidden=Tile(256, 128, 64, 8, 3)),
+        "bwd chunk 32 MiB": base.with_(chunk_bytes=32 * MiB),
+        "bwd base again": base,
+    }
     for name, cfg in variants.items():
         try:
-            res[f"bwd {name}"] = bench(bwd(cfg), ms=300)
+            res[name] = bench(bwd(cfg), ms=400)
         except Exception as exc:
-            res[f"bwd {name}"] = f"error: {type(exc).__name__}: {str(exc)[:100]}"
+            res[name] = f"error: {type(exc).__name__}: {str(exc)[:100]}"
     return res
 
 

@@ -32,11 +32,15 @@ def _draw_kernel(
     scale, softcap, ignore_index, one_minus_eps, eps_over_v,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GLSE: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, VOCAB_FASTEST: tl.constexpr,
 ):
     """out[n, c] = draw[n, v0 + c] for c < width. w_ptr/b_ptr point at the chunk's first row."""
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    if VOCAB_FASTEST:
+        pid_c = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    else:
+        pid_n = tl.program_id(0)
+        pid_c = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_c = pid_c * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -75,11 +79,15 @@ def _dhidden_kernel(
     stride_a, stride_wv, stride_wd,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     FIRST: tl.constexpr, LAST: tl.constexpr, HAS_LO: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, D_FASTEST: tl.constexpr,
 ):
     """hi (+lo) [N, D] (contiguous) += a[N, width] @ w[width, D]; w_ptr points at the chunk's first row."""
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    if D_FASTEST:
+        pid_d = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_d = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_mask = offs_m < N
@@ -156,7 +164,8 @@ def triton_backward(
         w = min(vc, V - v0)
         w_chunk = weight[v0:v0 + w]
         draw = buf[:, :w]
-        _draw_kernel[(cdiv(N, td.block_m), cdiv(w, td.block_n))](
+        grid = (cdiv(N, td.block_m), cdiv(w, td.block_n))
+        _draw_kernel[grid[::-1] if cfg.draw_vocab_fastest else grid](
             hidden, w_chunk, bias[v0:v0 + w] if bias is not None else hidden, targets, lse, grad_loss,
             grad_lse if grad_lse is not None else grad_loss, buf,
             N, D, V, v0, w,
@@ -164,17 +173,18 @@ def triton_backward(
             float(opts.logit_scale), float(opts.softcap or 1.0), int(opts.ignore_index), 1.0 - eps, eps / V,
             BLOCK_N=td.block_m, BLOCK_V=td.block_n, BLOCK_K=td.block_k,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_GLSE=grad_lse is not None,
-            UPCAST=cfg.upcast_dot, DOT_PREC=prec,
+            UPCAST=cfg.upcast_dot, DOT_PREC=prec, VOCAB_FASTEST=cfg.draw_vocab_fastest,
             num_warps=td.num_warps, num_stages=td.num_stages,
         )
         torch.mm(draw.t(), hidden, out=d_weight[v0:v0 + w])
-        _dhidden_kernel[(cdiv(N, th.block_m), cdiv(D, th.block_n))](
+        grid = (cdiv(N, th.block_m), cdiv(D, th.block_n))
+        _dhidden_kernel[grid[::-1] if cfg.dhidden_d_fastest else grid](
             buf, w_chunk, d_hidden, d_hidden_lo,
             N, D, w,
             buf.stride(0), weight.stride(0), weight.stride(1),
             BLOCK_M=th.block_m, BLOCK_D=th.block_n, BLOCK_K=th.block_k,
             FIRST=c == 0, LAST=c == n_chunks - 1, HAS_LO=has_lo,
-            UPCAST=cfg.upcast_dot, DOT_PREC=prec,
+            UPCAST=cfg.upcast_dot, DOT_PREC=prec, D_FASTEST=cfg.dhidden_d_fastest,
             num_warps=th.num_warps, num_stages=th.num_stages,
         )
         if bias is not None:

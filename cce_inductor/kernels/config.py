@@ -44,6 +44,7 @@ class KernelConfig:
     # Forward vocabulary splits (grid axis 1). None: derived so the grid fills the GPU several times.
     splits: Optional[int] = None
     # Byte budget of the reusable [N, Vc] draw buffer of the backward (the only N x V-ish allocation).
+    # pick_config derives it from the memory target (see chunk_budget).
     chunk_bytes: int = 32 * MiB
     # Explicit chunk width Vc (tests); None: derived from chunk_bytes.
     chunk_cols: Optional[int] = None
@@ -52,6 +53,10 @@ class KernelConfig:
     upcast_dot: bool = False
     # tl.dot precision for fp32 inputs: "ieee" matches eager fp32 matmuls (no TF32) at a speed cost.
     fp32_precision: str = "ieee"
+    # Launch order of the backward grids (which tile index varies fastest among co-resident programs,
+    # i.e. which operand they share in L2).
+    draw_vocab_fastest: bool = False
+    dhidden_d_fastest: bool = False
 
     def with_(self, **kw) -> "KernelConfig":
         return replace(self, **kw)
@@ -73,26 +78,38 @@ INTERPRETER_CONFIG = KernelConfig(
     upcast_dot=True,
 )
 
-# Hopper (H100/H200) bf16/fp16: 128x128 output tiles with 64-deep K steps keep wgmma busy while leaving
-# registers for the softmax epilogue; 8 warps = two warpgroups.
+# Hopper (H100/H200) bf16/fp16. Measured on an H200 (benchmarks/NOTES.md): 128x256 output tiles with
+# 64-deep K steps, 8 warps (two warpgroups), 3 stages beat 128x128 and 256x128 for all three kernels.
 GPU_CONFIG = KernelConfig(
-    forward=Tile(128, 128, 64, num_warps=8, num_stages=3),
-    draw=Tile(128, 128, 64, num_warps=8, num_stages=3),
-    dhidden=Tile(128, 128, 64, num_warps=8, num_stages=3),
+    forward=Tile(128, 256, 64, num_warps=8, num_stages=3),
+    draw=Tile(128, 256, 64, num_warps=8, num_stages=3),
+    dhidden=Tile(128, 256, 64, num_warps=8, num_stages=3),
     merge_block=256,
-    splits=None,
-    chunk_bytes=32 * MiB,
 )
 
-# fp32 operands take twice the shared memory per stage: halve the K step.
+# fp32 operands take twice the shared memory per stage: halve the tile.
 GPU_CONFIG_FP32 = KernelConfig(
     forward=Tile(128, 128, 32, num_warps=8, num_stages=3),
     draw=Tile(128, 128, 32, num_warps=8, num_stages=3),
     dhidden=Tile(128, 128, 32, num_warps=8, num_stages=3),
     merge_block=256,
-    splits=None,
-    chunk_bytes=32 * MiB,
 )
+
+# The backward may use this much memory beyond the two gradients it returns (fraction of their size);
+# the draw buffer gets what the d_hidden remainder (lo) leaves, within [MIN, MAX]_CHUNK_BYTES. Larger
+# chunks mean fewer read-modify-write passes over d_hidden and longer K loops (measured: 64 MiB is
+# ~4 ms faster than 32 MiB at the gemma2 shape).
+EXTRA_MEMORY_FRACTION = 0.10
+MIN_CHUNK_BYTES = 16 * MiB
+MAX_CHUNK_BYTES = 64 * MiB
+SAFETY_BYTES = 8 * MiB
+
+
+def chunk_budget(N: int, D: int, V: int, elem_bytes: int) -> int:
+    grads = (N + V) * D * elem_bytes
+    lo = N * D * elem_bytes if elem_bytes < 4 else 0
+    spare = int(EXTRA_MEMORY_FRACTION * grads) - lo - SAFETY_BYTES
+    return max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, spare))
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,7 +128,9 @@ def num_programs_target(device: torch.device) -> int:
 def pick_config(N: int, D: int, V: int, dtype: torch.dtype, device) -> KernelConfig:
     if interpreted(device):
         return INTERPRETER_CONFIG
-    return GPU_CONFIG_FP32 if dtype == torch.float32 else GPU_CONFIG
+    base = GPU_CONFIG_FP32 if dtype == torch.float32 else GPU_CONFIG
+    elem = torch.finfo(dtype).bits // 8
+    return base.with_(chunk_bytes=chunk_budget(N, D, V, elem))
 
 
 def cdiv(a: int, b: int) -> int:
