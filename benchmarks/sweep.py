@@ -246,6 +246,12 @@ def plot(path, rows, header):
     plt.close(fig)
 
 
+def save(out, rows, header):
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump(dict(header=header, rows=rows), f, indent=1)
+    write_markdown(os.path.join(out, "sweep.md"), rows, header)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="gemma2,llama3")
@@ -294,10 +300,8 @@ def main(argv=None):
                 rows.append(r)
             del e, c, t, ref
             _free()
-    header["elapsed_s"] = round(time.time() - t_start)
-    with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump(dict(header=header, rows=rows), f, indent=1)
-    write_markdown(os.path.join(out, "sweep.md"), rows, header)
+            header["elapsed_s"] = round(time.time() - t_start)
+            save(out, rows, header)  # after every token count: a cut-short run still leaves its results
     plot(os.path.join(out, "sweep.png"), rows, header)
 
     # short table: fwd+bwd ms / peak GB per method and N
