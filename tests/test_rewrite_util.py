@@ -64,7 +64,7 @@ def check(fn, args, expect, *, inner="aot_eager", params=(), rtol=1e-6, atol=1e-
     for i, (g, w) in enumerate(zip(got_g, want_g)):
         assert (g is None) == (w is None), i
         if g is not None:
-            torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m: f"grad {i}: {m}")
+            torch.testing.assert_close(g, w, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"grad {i}: {m}")
     return results if return_results else None
 
 
