@@ -749,13 +749,22 @@ class _Emitter:
         self.graph, self.anchor = graph, anchor
         self.meta = {k: anchor.meta[k] for k in ("stack_trace", "nn_module_stack", "source_fn_stack")
                      if k in anchor.meta}
+        self.emitted: list = []
 
     def __call__(self, op: str, target: Any, args: tuple, kwargs: Optional[dict] = None) -> Node:
         with self.graph.inserting_before(self.anchor):
             n = self.graph.create_node(op, target, args, kwargs or {})
+        self.emitted.append(n)
         n.meta.update(self.meta)
         _fake_eval(n)
         return n
+
+    def undo(self) -> None:
+        """Erase what we inserted (used when the rewrite fails before the loss was replaced)."""
+        for n in reversed(self.emitted):
+            if not n.users:
+                self.graph.erase_node(n)
+        self.emitted.clear()
 
     def cast(self, x: Node, dtype: Optional[torch.dtype]) -> Node:
         if dtype is None or _dtype(x) == dtype:
@@ -849,6 +858,20 @@ def apply_match(graph: Graph, m: Match, autocast: dict) -> Rewrite:
     lses = _find_logsumexps(m)
 
     emit = _Emitter(graph, loss)
+    try:
+        return _emit_rewrite(graph, m, emit, compute, order, scale, softcap, bias, lses)
+    except Miss:
+        emit.undo()
+        raise
+    except Exception as e:  # never break the user's compile: leave this loss as it was
+        emit.undo()
+        log.warning("cce: internal error while rewriting %s; left alone", location(loss), exc_info=True)
+        raise Miss(f"internal error: {type(e).__name__}: {e}") from e
+
+
+def _emit_rewrite(graph: Graph, m: Match, emit: _Emitter, compute: Optional[torch.dtype], order: list,
+                  scale: float, softcap: Optional[float], bias: Optional[Node], lses: list) -> Rewrite:
+    loss, mm = m.loss, m.mm
     h = emit.cast(mm.hidden, compute)
     if mm.weight is not None:
         w = emit.cast(mm.weight, compute)
@@ -1027,7 +1050,13 @@ def rewrite_graph(graph_or_module: Any) -> PassResult:
         kind = "cross_entropy" if _call(loss, _CE_FNS) else "nll_loss"
         where = location(loss)
         try:
-            m = match_loss(loss)
+            try:
+                m = match_loss(loss)
+            except Miss:
+                raise
+            except Exception as e:  # an unforeseen graph shape: report it, never fail the compile
+                log.debug("cce: matcher error at %s", where, exc_info=True)
+                raise Miss(f"internal error while matching: {type(e).__name__}: {e}") from e
             r = apply_match(graph, m, autocast)
         except Miss as e:
             if _fed_by_matmul(loss):

@@ -136,3 +136,34 @@ def test_hf_num_items_in_batch_and_inductor():
     for g, w in zip(got_g, want_g):
         if w is not None:
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_hf_install_plain_torch_compile_inductor():
+    """``cce_inductor.install()`` + plain ``torch.compile(model)`` (Inductor, as HF Trainer compiles)."""
+    import cce_inductor.backend as B
+    from cce_inductor.api import linear_cross_entropy
+
+    model = _model("llama").float()
+    ids, labels = _batch()
+    seen = []
+    real = B.rewrite_graph
+
+    def spy(graph):
+        res = real(graph)
+        seen.append(len(res.rewrites))
+        return res
+    B.rewrite_graph = spy
+    try:
+        with B.install():
+            out = torch.compile(model)(input_ids=ids, labels=labels)
+            got_g = _grads(model, out.loss)
+    finally:
+        B.rewrite_graph = real
+    ref = model(input_ids=ids, labels=labels)
+    want_g = _grads(model, ref.loss)
+    assert sum(seen) == 1, seen
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_g, want_g):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

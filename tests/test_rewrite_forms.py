@@ -126,10 +126,10 @@ def test_softcap(data, spelling):
     assert results[0].rewrites[0].options["softcap"] == s
 
 
-@pytest.mark.parametrize("cast", ["float", "to_dtype", "to_kw", "double_then_float"])
+@pytest.mark.parametrize("cast", ["float", "to_dtype", "to_kw", "double_then_float", "to_device"])
 def test_casts(cast):
     h, w, b, y = make_inputs(d=D, v=V, dtype=torch.float32)
-    c = {"float": lambda z: z.float(), "to_dtype": lambda z: z.to(torch.float32),
+    c = {"float": lambda z: z.float(), "to_dtype": lambda z: z.to(torch.float32), "to_device": lambda z: z.to("cpu"),
          "to_kw": lambda z: z.to(dtype=torch.float64), "double_then_float": lambda z: z.double().float()}[cast]
     check(lambda h, w, y: F.cross_entropy(c(h @ w.T).view(-1, V), y.view(-1)), (h, w, y), 1, rtol=1e-5, atol=1e-6)
 
@@ -157,6 +157,24 @@ def test_autocast_whole():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return F.cross_entropy((h @ w.T).view(-1, V), y.view(-1))
     check(f, (h, w, y), 1, rtol=2e-2, atol=2e-2)
+
+
+def test_inference_no_grad(data):
+    h, w, b, y = data
+    with torch.no_grad():
+        check(lambda h, w, b, y: F.cross_entropy(F.linear(h, w, b).view(-1, V), y.view(-1)), (h, w, b, y), 1)
+
+
+def test_matmul_output_used_twice_in_chain(data):
+    """Two losses over the same ``.float()`` logits plus an unrelated use: all served, logits kept."""
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = (h @ w.T).float()
+        a = F.cross_entropy(z.view(-1, V), y.view(-1))
+        c = F.cross_entropy(z.transpose(1, 2), y, reduction="sum")
+        return a + c, z.argmax(-1)
+    check(f, (h, w, y), 2)
 
 
 # ---- loss spellings -------------------------------------------------------------------------
@@ -383,3 +401,19 @@ def test_inductor_inner_softcap_shift():
         z = 2.0 * torch.tanh(F.linear(h, w, b) / 2.0)
         return F.cross_entropy(z[:, :-1].float().reshape(-1, V), y[:, 1:].reshape(-1), label_smoothing=0.1)
     check(f, (h, w, b, y), 1, inner="inductor", rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["shift_slice", "class_dim", "z_loss"])
+def test_dynamic_shapes(form):
+    """dynamic=True: B, T, D, V all symbolic; the rewrite must still fire and be exact."""
+    h, w, b, y = make_inputs(b=3, t=7, d=D, v=V)
+
+    def f(h, w, y):
+        z = h @ w.T
+        if form == "shift_slice":
+            return F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), y[:, 1:].reshape(-1))
+        if form == "class_dim":
+            return F.cross_entropy(z.transpose(1, 2), y, reduction="none")
+        zf = z.float()
+        return F.cross_entropy(zf.view(-1, zf.size(-1)), y.view(-1)) + torch.logsumexp(zf, -1).square().mean()
+    check(f, (h, w, y), 1, dynamic=True)
