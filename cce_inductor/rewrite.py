@@ -36,7 +36,7 @@ import inspect
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,24 +58,6 @@ def _val(x: Any) -> Any:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _static_int(x: Any) -> Optional[int]:
-    """``x`` as a Python int when it is one without guarding on a symbol, else None."""
-    if isinstance(x, int) and not isinstance(x, bool):
-        return x
-    if isinstance(x, torch.SymInt):
-        node = x.node
-        if node.is_constant() if hasattr(node, "is_constant") else False:
-            return int(node.constant)  # pragma: no cover
-        try:
-            from torch.fx.experimental.symbolic_shapes import is_concrete_int
-
-            if is_concrete_int(x):
-                return int(x)
-        except Exception:  # pragma: no cover
-            pass
-    return None
 
 
 def _shape(node: Any) -> Optional[tuple]:
@@ -972,23 +954,17 @@ def _emit_rewrite(graph: Graph, m: Match, emit: _Emitter, compute: Optional[torc
 
 
 def _stable_topological_sort(graph: Graph) -> None:
-    """Move each node after its inputs when it is not already, keeping the order otherwise."""
+    """Reorder so every node comes after its inputs, moving only the nodes that must move: a node
+    waiting on an input is placed right after the last of its inputs is placed."""
     placed: set = set()
-    pending = list(graph.nodes)
-    cursor = None  # the last placed node
-    order = []
-    waiting: dict = {}
-    ready = []
-
-    def deps(n):
-        return [a for a in n.all_input_nodes if a not in placed]
-
-    blocked: dict = {}
-    for n in pending:
-        missing = deps(n)
-        if missing:
-            blocked[n] = set(missing)
-            for a in missing:
+    waiting: dict = {}  # input node -> nodes waiting on it
+    missing: dict = {}  # waiting node -> its inputs not yet placed
+    order: list = []
+    for n in list(graph.nodes):
+        todo = [a for a in n.all_input_nodes if a not in placed]
+        if todo:
+            missing[n] = set(todo)
+            for a in todo:
                 waiting.setdefault(a, []).append(n)
             continue
         stack = [n]
@@ -997,19 +973,19 @@ def _stable_topological_sort(graph: Graph) -> None:
             order.append(x)
             placed.add(x)
             for w in waiting.pop(x, []):
-                b = blocked.get(w)
-                if b is None:
-                    continue
-                b.discard(x)
-                if not b:
-                    del blocked[w]
-                    stack.append(w)
-    if blocked:  # pragma: no cover - a cycle cannot happen in a valid graph
+                deps = missing.get(w)
+                if deps is not None:
+                    deps.discard(x)
+                    if not deps:
+                        del missing[w]
+                        stack.append(w)
+    if missing:  # pragma: no cover - impossible in a graph without cycles
         return
+    prev = None
     for n in order:
-        if cursor is not None and n.prev is not cursor:
-            cursor.append(n)
-        cursor = n
+        if prev is not None and n.prev is not prev:
+            prev.append(n)
+        prev = n
 
 
 def _size_str(x: Any) -> Any:

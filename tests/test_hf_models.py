@@ -141,7 +141,6 @@ def test_hf_num_items_in_batch_and_inductor():
 def test_hf_install_plain_torch_compile_inductor():
     """``cce_inductor.install()`` + plain ``torch.compile(model)`` (Inductor, as HF Trainer compiles)."""
     import cce_inductor.backend as B
-    from cce_inductor.api import linear_cross_entropy
 
     model = _model("llama").float()
     ids, labels = _batch()
