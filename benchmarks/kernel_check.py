@@ -20,7 +20,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cce_inductor.kernels import Tile, pick_config, triton_backward, triton_forward  # noqa: E402
-from cce_inductor.kernels.backward import _dhidden_kernel, _draw_kernel  # noqa: E402,F401
+from cce_inductor.kernels.config import chunk_budget  # noqa: E402
 from cce_inductor.kernels.reference import reference_loss_and_grads, rel_err  # noqa: E402
 from cce_inductor.options import LossOptions  # noqa: E402
 
@@ -107,8 +107,7 @@ def sweep(h, w, t, base):
     N, D = h.shape
     V = w.shape[0]
     res = {}
-    fwd = {"fwd base": base, "fwd 128x256x64 w8 s4": base.with_(forward=Tile(128, 256, 64, 8, 4)),
-           "fwd splits=8": base.with_(splits=8), "fwd splits=32": base.with_(splits=32)}
+    fwd = {"fwd base": base, "fwd splits=8": base.with_(splits=8)}
     for name, cfg in fwd.items():
         try:
             res[name] = bench(lambda: triton_forward(h, w, None, t, OPTS, config=cfg), ms=300)
@@ -120,14 +119,12 @@ def sweep(h, w, t, base):
     def bwd(cfg):
         return lambda: triton_backward(grad, None, h, w, None, t, lse, OPTS, config=cfg)
 
+    float_lo = base.with_(dhidden_remainder="float", chunk_bytes=chunk_budget(N, D, V, 2, 2))
     variants = {
         "bwd base": base,
-        "bwd draw vocab-fastest": base.with_(draw_vocab_fastest=True),
-        "bwd draw 128x256x64 w8 s4": base.with_(draw=Tile(128, 256, 64, 8, 4)),
+        "bwd remainder=float (2-byte lo, smaller chunks)": float_lo,
+        "bwd draw N-fastest": base.with_(draw_vocab_fastest=False),
         "bwd dhidden d-fastest": base.with_(dhidden_d_fastest=True),
-        "bwd dhidden 128x256x64 w8 s4": base.with_(dhidden=Tile(128, 256, 64, 8, 4)),
-        "bwd dhidden 256x128x64 w8 s3": base.with_(dhidden=Tile(256, 128, 64, 8, 3)),
-        "bwd chunk 32 MiB": base.with_(chunk_bytes=32 * MiB),
         "bwd base again": base,
     }
     for name, cfg in variants.items():

@@ -98,6 +98,29 @@ def test_matches_float64_with_splits_and_chunks(dtype, has_bias, opts, poison):
     t[[3, 11]] = opts.ignore_index
     assert forward_splits(SMALL, N, V, "cpu")[0] == 3 and chunk_width(SMALL, N, V, 2) == 32  # 3 chunks
     run_and_check(h, w, b, t, opts, SMALL, gen)
+    if dtype != torch.float32:
+        run_and_check(h, w, b, t, opts, SMALL.with_(dhidden_remainder="float"), gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_dhidden_remainder_keeps_the_fp32_sum(dtype, poison):
+    """32 vocab chunks summed into a 16-bit d_hidden match one chunk (a single rounding of the fp32 sum)
+    as closely as the remainder allows; dropping the remainder ("none") is visibly worse."""
+    gen = torch.Generator().manual_seed(9)
+    N, D, V = 20, 24, 512
+    h, w, _, t = make_inputs(N, D, V, dtype, False, gen, logit_std=1.0)
+    opts = LossOptions()
+    _, lse = triton_forward(h, w, None, t, opts, config=INTERPRETER_CONFIG)
+    g = torch.rand(N, generator=gen)
+    one = triton_backward(g, None, h, w, None, t, lse, opts, config=INTERPRETER_CONFIG.with_(chunk_cols=V))[0]
+    err = {}
+    for mode in ("int8", "float", "none"):
+        cfg = INTERPRETER_CONFIG.with_(chunk_cols=16, dhidden_remainder=mode)
+        err[mode] = rel_err(triton_backward(g, None, h, w, None, t, lse, opts, config=cfg)[0], one.double())
+    # The interpreter truncates fp32->bf16 (the GPU rounds to nearest), hence the looser bf16 bound.
+    bound = 1e-3 if dtype == torch.bfloat16 else 1e-4
+    assert err["int8"] < bound and err["float"] < bound, err
+    assert err["none"] > 5 * max(err["int8"], err["float"]), err
 
 
 def test_default_config_single_chunk(poison):

@@ -6,9 +6,11 @@ Per chunk [v0, v0 + w):
   2. d_weight[v0:v0+w] = draw.T @ hidden by cuBLAS (fp32 accumulation, each element written once);
   3. ``_dhidden_kernel`` adds draw @ weight[v0:v0+w] to the d_hidden accumulator;
   4. d_bias[v0:v0+w] = draw.sum(0) in fp32.
-For 16-bit inputs the d_hidden accumulator is a (hi, lo) pair of 16-bit tensors: hi is the returned
-gradient and lo keeps the rounding remainder (value = hi + lo in fp32), so the extra memory is N*D*2
-bytes instead of an fp32 N x D buffer. fp32 inputs accumulate straight into the fp32 output.
+For 16-bit inputs the d_hidden accumulator is a pair (hi, lo): hi is the returned gradient (rounded to
+nearest from the fp32 sum after every chunk) and lo keeps the rounding remainder acc - hi, so nothing of
+the fp32 sum is lost between chunks without an fp32 N x D buffer. lo is either int8 in units of 1/128
+of hi's ulp (default; N*D bytes, error <= 2^-8 ulp(hi) per chunk, i.e. ~2^-16 relative for bf16) or a tensor of
+hi's dtype (N*D*2 bytes). fp32 inputs accumulate straight into the fp32 output.
 """
 from __future__ import annotations
 
@@ -72,16 +74,38 @@ def _draw_kernel(
     tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
 
 
+# Remainder formats of the 16-bit d_hidden accumulator (value = hi + remainder, in fp32).
+LO_NONE, LO_INT8, LO_FLOAT = 0, 1, 2
+
+
+@triton.jit
+def _remainder_step(hf, STEP_SCALE: tl.constexpr, STEP_MIN: tl.constexpr):
+    """Step of the int8 remainder of the 16-bit value ``hf`` (given as fp32): 1/128 of its ulp.
+
+    2^floor(log2|hf|) from the fp32 exponent bits, times 2^-(mantissa bits + 7); a power of two, so
+    scaling by it is exact. The int8 range then spans +-1 ulp: enough for round-to-nearest (+-1/2 ulp)
+    and for truncating conversions too (the Triton interpreter's fp32->bf16 cast truncates).
+    STEP_MIN covers fp16 subnormals (fixed spacing) and zero.
+    """
+    pow2 = (hf.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.maximum(pow2 * STEP_SCALE, STEP_MIN)
+
+
 @triton.jit
 def _dhidden_kernel(
     a_ptr, w_ptr, hi_ptr, lo_ptr,
     N, D, width,
     stride_a, stride_wv, stride_wd,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    FIRST: tl.constexpr, LAST: tl.constexpr, HAS_LO: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, LO_MODE: tl.constexpr,
+    STEP_SCALE: tl.constexpr, STEP_MIN: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, D_FASTEST: tl.constexpr,
 ):
-    """hi (+lo) [N, D] (contiguous) += a[N, width] @ w[width, D]; w_ptr points at the chunk's first row."""
+    """hi (+lo) [N, D] (contiguous) += a[N, width] @ w[width, D]; w_ptr points at the chunk's first row.
+
+    LO_MODE: LO_NONE (fp32 hi, or a single chunk), LO_FLOAT (lo has hi's dtype: lo = round(acc - hi)),
+    LO_INT8 (lo = round((acc - hi) / step(hi)) in int8; |acc - hi| < ulp(hi) = 128 steps).
+    """
     if D_FASTEST:
         pid_d = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -109,13 +133,23 @@ def _dhidden_kernel(
     offs = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
     mask = m_mask[:, None] & d_mask[None, :]
     if not FIRST:
-        acc += tl.load(hi_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_LO:
+        old = tl.load(hi_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += old
+        if LO_MODE == 1:
+            q = tl.load(lo_ptr + offs, mask=mask, other=0).to(tl.float32)
+            acc += q * _remainder_step(old, STEP_SCALE, STEP_MIN)
+        elif LO_MODE == 2:
             acc += tl.load(lo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     hi = acc.to(hi_ptr.dtype.element_ty)
     tl.store(hi_ptr + offs, hi, mask=mask)
-    if HAS_LO:
-        if not LAST:
+    if not LAST:
+        if LO_MODE == 1:
+            hf = hi.to(tl.float32)
+            q = (acc - hf) / _remainder_step(hf, STEP_SCALE, STEP_MIN)
+            q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+            q = q + tl.where(q >= 0, 0.5, -0.5)  # round half away from zero; the cast truncates
+            tl.store(lo_ptr + offs, q.to(tl.int8), mask=mask)
+        elif LO_MODE == 2:
             tl.store(lo_ptr + offs, (acc - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=mask)
 
 
@@ -153,9 +187,15 @@ def triton_backward(
     vc = chunk_width(cfg, N, V, hidden.element_size())
     n_chunks = cdiv(V, vc)
     buf = torch.empty((N, min(vc, V)), device=dev, dtype=dtype)
-    # lo only matters when more than one chunk is summed in a 16-bit accumulator.
-    has_lo = dtype != torch.float32 and n_chunks > 1
-    d_hidden_lo = torch.empty_like(d_hidden) if has_lo else d_hidden
+    # A remainder only matters when more than one chunk is summed into a 16-bit accumulator.
+    # ("none" drops the remainder: lossy, kept only to show in tests what the remainder buys.)
+    lo_mode = LO_NONE if (dtype == torch.float32 or n_chunks == 1 or cfg.dhidden_remainder == "none") else (
+        LO_INT8 if cfg.dhidden_remainder == "int8" else LO_FLOAT)
+    lo_dtype = torch.int8 if lo_mode == LO_INT8 else dtype
+    d_hidden_lo = torch.empty((N, D), device=dev, dtype=lo_dtype) if lo_mode != LO_NONE else d_hidden
+    mant_bits = 10 if dtype == torch.float16 else 7
+    step_scale = 2.0 ** -(mant_bits + 7)
+    step_min = 2.0 ** -31 if dtype == torch.float16 else 2.0 ** -126  # fp16 subnormal spacing 2^-24 / 128
     eps = float(opts.label_smoothing)
     prec = dot_precision(cfg, dtype)
     td, th = cfg.draw, cfg.dhidden
@@ -183,7 +223,7 @@ def triton_backward(
             N, D, w,
             buf.stride(0), weight.stride(0), weight.stride(1),
             BLOCK_M=th.block_m, BLOCK_D=th.block_n, BLOCK_K=th.block_k,
-            FIRST=c == 0, LAST=c == n_chunks - 1, HAS_LO=has_lo,
+            FIRST=c == 0, LAST=c == n_chunks - 1, LO_MODE=lo_mode, STEP_SCALE=step_scale, STEP_MIN=step_min,
             UPCAST=cfg.upcast_dot, DOT_PREC=prec, D_FASTEST=cfg.dhidden_d_fastest,
             num_warps=th.num_warps, num_stages=th.num_stages,
         )
