@@ -133,7 +133,7 @@ def train(variant, cfg, batches, lr, device, inner="inductor", measure_step=1, a
     torch._dynamo.reset()
     model = make_model(cfg, device)
     fn = compiled(model, variant, inner)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
 
     def step(x, y):
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
@@ -187,7 +187,7 @@ def plot(results, path, title):
     a.set_title("loss (same init, same batches)")
     a.legend()
     mb = [r["peak_bytes"] / 2**20 for r in results]
-    bars = b.bar([r["label"].replace(" ", "\n", 1) for r in results], mb, color=["C0", "C1", "C2"][: len(results)])
+    bars = b.bar([r["label"].replace("(", "\n(", 1).replace("[", "\n[", 1) for r in results], mb, color=["C0", "C1", "C2"][: len(results)])
     for bar, r in zip(bars, results):
         b.annotate(f"{r['peak_bytes'] / 2**20:.0f} MB\n{r['tokens_per_s']:.0f} tok/s",
                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
