@@ -224,3 +224,12 @@ def test_config_is_a_frozen_object():
     assert isinstance(cfg, KernelConfig) and cfg.chunk_cols == 64 and SMALL.chunk_cols == 32
     with pytest.raises(Exception):
         cfg.chunk_cols = 3  # type: ignore[misc]
+
+
+def test_inputs_that_require_grad():
+    gen = torch.Generator().manual_seed(10)
+    h, w, b, t = make_inputs(5, 16, 40, torch.float32, True, gen)
+    h, w, b = (x.requires_grad_() for x in (h, w, b))
+    loss, lse = triton_forward(h, w, b, t, LossOptions(), config=SMALL)
+    dh, dw, db = triton_backward(torch.ones(5), None, h, w, b, t, lse, LossOptions(), config=SMALL)
+    assert dw.shape == w.shape and not dw.requires_grad

@@ -165,6 +165,11 @@ def triton_backward(
     config: Optional[KernelConfig] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(d_hidden, d_weight, d_bias); see cce_inductor.kernels for the contract."""
+    with torch.no_grad():  # torch.mm(out=...) refuses inputs that require grad under grad mode
+        return _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, config)
+
+
+def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, config):
     check_inputs(hidden, weight, bias, targets)
     N, D = hidden.shape
     V = weight.shape[0]
