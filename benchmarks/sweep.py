@@ -11,11 +11,13 @@ Methods (each skipped when not importable), with the naming of ``shared/bench/pe
 Shapes: gemma2 (D=2304, V=256000) and llama3 (D=4096, V=128256), bf16, N = 8192 ... 65536 tokens.
 Per cell: fwd+bwd median time (triton.testing.do_bench), peak memory over the inputs
 (max_memory_allocated after a reset, minus what was allocated before the call: logits, workspace and
-the two gradients), and, at --err-tokens only, the relative error of loss, dE and dC against a float64
-reference computed in vocabulary chunks on the GPU. An out-of-memory cell is reported as OOM.
+the two gradients), and, at --err-tokens only, the relative error of loss, dE and dC against the
+project's float64 reference (cce_inductor.kernels.reference, token chunks, on the GPU). An
+out-of-memory cell is reported as OOM.
 
 Writes $OUT/sweep.md (tables, GPU, date, versions) and $OUT/sweep.png (time and memory vs tokens, one
-row per shape), and prints a short table last. About 4-6 minutes on one H200 with the defaults.
+row per shape), and prints a short table last. Sized to finish in under 8 minutes on one H200
+(estimated from the measured peers' times in shared/design/FACTS.md; not yet timed).
 
     python benchmarks/sweep.py [--shapes gemma2,llama3] [--tokens 8192,16384,32768,65536]
                                [--methods eager,cce.op,...] [--regime zipf|flat] [--err-tokens 8192]
@@ -102,35 +104,21 @@ def make_inputs(N, D, V, regime, seed=1):
 
 
 @torch.no_grad()
-def reference(e, c, t, chunk=16384):
-    """Loss, dE, dC of mean cross-entropy in float64, over vocabulary chunks (never N x V at once)."""
-    N, V = e.shape[0], c.shape[0]
-    e64 = e.detach().double()
-    lse = torch.full((N,), float("-inf"), dtype=torch.float64, device=e.device)
-    tgt = torch.zeros(N, dtype=torch.float64, device=e.device)
-    rows = torch.arange(N, device=e.device)
-    for s in range(0, V, chunk):
-        z = e64 @ c[s:s + chunk].double().T
-        lse = torch.logaddexp(lse, torch.logsumexp(z, 1))
-        m = (t >= s) & (t < s + chunk)
-        tgt[m] = z[rows[m], t[m] - s]
-        del z
-    dE = torch.zeros_like(e64)
-    dC = torch.empty(c.shape, dtype=torch.float64, device=c.device)
-    for s in range(0, V, chunk):
-        c64 = c[s:s + chunk].double()
-        gz = torch.exp(e64 @ c64.T - lse[:, None])
-        m = (t >= s) & (t < s + chunk)
-        gz[rows[m], t[m] - s] -= 1.0
-        gz /= N
-        dE += gz @ c64
-        dC[s:s + chunk] = gz.T @ e64
-        del gz, c64
-    return (lse - tgt).mean().item(), dE, dC
+def reference(e, c, t):
+    """Float64 loss, dE, dC of mean cross-entropy: the project's chunked float64 reference."""
+    from cce_inductor.kernels.reference import reference_loss_and_grads
+    from cce_inductor.options import LossOptions
+
+    N = e.shape[0]
+    grad_loss = torch.full((N,), 1.0 / N, dtype=torch.float64, device=e.device)
+    loss, _, dE, dC, _ = reference_loss_and_grads(e.detach(), c.detach(), None, t, LossOptions(), grad_loss=grad_loss)
+    return loss.mean().item(), dE, dC
 
 
 def rel(a, b):
-    return ((a.double() - b).norm() / b.norm()).item()
+    from cce_inductor.kernels.reference import rel_err
+
+    return rel_err(a, b)
 
 
 def _free():
