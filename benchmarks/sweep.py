@@ -121,6 +121,14 @@ def rel(a, b):
     return rel_err(a, b)
 
 
+@torch.no_grad()
+def matmul_ms(e, c, warmup, rep):
+    """One E @ C.T in bf16: the unit the fwd+bwd times are compared with (fwd+bwd needs 3-4 of them)."""
+    from triton.testing import do_bench
+
+    return do_bench(lambda: e @ c.T, warmup=warmup, rep=rep, return_mode="median")
+
+
 def _free():
     gc.collect()
     torch.cuda.empty_cache()
@@ -264,7 +272,6 @@ def main(argv=None):
     header = dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                   triton=triton.__version__, versions=versions, regime=a.regime, warmup=a.warmup, rep=a.rep)
     print(json.dumps(header), flush=True)
-    from triton.testing import do_bench
 
     rows = []
     for shape in a.shapes.split(","):
@@ -272,8 +279,7 @@ def main(argv=None):
         for N in (int(x) for x in a.tokens.split(",")):
             try:
                 e, c, t = make_inputs(N, D, V, a.regime)
-                with torch.no_grad():
-                    mm = do_bench(lambda: e @ c.T, warmup=a.warmup, rep=a.rep, return_mode="median")
+                mm = matmul_ms(e, c, a.warmup, a.rep)
                 ref = reference(e, c, t) if N in err_tokens else None
             except torch.OutOfMemoryError:
                 for name in methods:
