@@ -660,6 +660,19 @@ class PassResult:
     misses: list = field(default_factory=list)
 
 
+def _grad_modes(graph: Graph) -> dict:
+    """node → grad mode it runs under, relative to the graph's entry (``torch.no_grad()`` /
+    ``torch.enable_grad()`` blocks inside a Dynamo graph become ``_set_grad_enabled`` nodes);
+    None means "as on entry"."""
+    state: dict = {}
+    mode = None
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is torch._C._set_grad_enabled and n.args:
+            mode = bool(n.args[0])
+        state[n] = mode
+    return state
+
+
 def _autocast_regions(graph: Graph) -> dict:
     """node → (device_type, dtype) of the autocast region it lies in (None outside), from the
     ``_enter_autocast`` / ``_exit_autocast`` nodes Dynamo records for ``with torch.autocast(...)``."""
@@ -818,14 +831,24 @@ def _find_logsumexps(m: Match) -> list:
     return served
 
 
-def apply_match(graph: Graph, m: Match, autocast: dict) -> Rewrite:
+@dataclass
+class _Regions:
+    """Per node: the autocast region and the grad mode it runs under."""
+
+    autocast: dict
+    grad: dict
+
+
+def apply_match(graph: Graph, m: Match, regions: _Regions) -> Rewrite:
     loss = m.loss
     mm = m.mm
     compute = _dtype(mm.node)
-    region = autocast.get(loss)
+    region = regions.autocast.get(loss)
     dev = _val(mm.hidden).device.type if isinstance(_val(mm.hidden), torch.Tensor) else "cpu"
     if region is not None and region[0] == dev and region[1] != compute:
         raise Miss("the loss sits in an autocast region the matmul is not in")
+    if regions.grad.get(loss) != regions.grad.get(mm.node):
+        raise Miss("the matmul and the loss run under different grad modes (torch.no_grad())")
     order = list(reversed(m.steps))  # matmul → loss
     scale = 1.0
     softcap = None
@@ -1021,7 +1044,7 @@ def rewrite_graph(graph_or_module: Any) -> PassResult:
     losses = [n for n in graph.nodes if is_loss_node(n)]
     if not losses:
         return result
-    autocast = _autocast_regions(graph)
+    regions = _Regions(_autocast_regions(graph), _grad_modes(graph))
     for loss in losses:
         kind = "cross_entropy" if _call(loss, _CE_FNS) else "nll_loss"
         where = location(loss)
@@ -1033,7 +1056,7 @@ def rewrite_graph(graph_or_module: Any) -> PassResult:
             except Exception as e:  # an unforeseen graph shape: report it, never fail the compile
                 log.debug("cce: matcher error at %s", where, exc_info=True)
                 raise Miss(f"internal error while matching: {type(e).__name__}: {e}") from e
-            r = apply_match(graph, m, autocast)
+            r = apply_match(graph, m, regions)
         except Miss as e:
             if _fed_by_matmul(loss):
                 result.misses.append(MissRecord(where, kind, str(e)))

@@ -417,3 +417,24 @@ def test_dynamic_shapes(form):
         zf = z.float()
         return F.cross_entropy(zf.view(-1, zf.size(-1)), y.view(-1)) + torch.logsumexp(zf, -1).square().mean()
     check(f, (h, w, y), 1, dynamic=True)
+
+
+def test_negative_grad_mode_differs(data):
+    """Logits computed under no_grad, loss with grad: eager's loss has no path to h/W; keep it so."""
+    h, w, b, y = data
+
+    def f(h, w, y):
+        with torch.no_grad():
+            z = h @ w.T
+        return F.cross_entropy(z.view(-1, V), y.view(-1)) + (h * 0).sum()
+    _miss(f, (h, w, y), "grad mode")
+
+
+def test_no_grad_block_around_both(data):
+    h, w, b, y = data
+
+    def f(h, w, y):
+        with torch.no_grad():
+            loss = F.cross_entropy((h @ w.T).view(-1, V), y.view(-1))
+        return loss + h.sum()
+    check(f, (h, w, y), 1)
