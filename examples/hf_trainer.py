@@ -79,15 +79,15 @@ def make_trainer(model, dataset, p, device, how, probe_step, out_dir):
     return ProbedTrainer(model=model, args=args, train_dataset=dataset)
 
 
-def run(p, device, how, dataset, probe_step=1, out_dir=None):
+def run(p, device, how, dataset, probe_step=1):
     """Train one model; returns dict(losses, peak_bytes, cce_calls)."""
     import cce_inductor
 
     torch._dynamo.reset()
     model = build_model(p).to(device)
-    out_dir = out_dir or tempfile.mkdtemp(prefix="cce_hf_")
     # "backend" (the name alone) and "none" (plain Inductor, the baseline) install nothing
-    with cce_inductor.install() if how == "install" else contextlib.nullcontext():
+    with tempfile.TemporaryDirectory(prefix="cce_hf_") as out_dir, \
+            cce_inductor.install() if how == "install" else contextlib.nullcontext():
         trainer = make_trainer(model, dataset, p, device, how, probe_step, out_dir)
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
