@@ -6,6 +6,7 @@ is left behind.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,37 +43,46 @@ class ExplainReport:
         lines = [f"cce_inductor.explain: {len(self.rewrites)} rewrite(s), {len(self.misses)} miss(es) "
                  f"in {self.graphs} graph(s); estimated activation memory saved {_fmt_bytes(self.saved_bytes)}"]
         if self.rewrites:
-            lines.append("")
-            lines.append("Rewritten:")
-            header = ("where", "loss", "matmul", "N", "D", "V", "dtype", "options", "saved")
-            rows = [header]
+            lines += ["", "Rewritten:"]
+            rows = [("where", "code", "loss", "matmul", "N", "D", "V", "dtype", "options", "saved")]
             for r in self.rewrites:
                 opts = ", ".join(f"{k}={v}" for k, v in r.options.items())
-                rows.append((r.where, r.loss, r.spelling, str(r.N), str(r.D), str(r.V), r.dtype, opts,
-                             _fmt_bytes(r.saved_bytes)))
+                rows.append((*_split_where(r.where), r.loss, r.spelling, str(r.N), str(r.D), str(r.V), r.dtype,
+                             opts, _fmt_bytes(r.saved_bytes)))
             lines.extend(_table(rows))
             for r in self.rewrites:
                 for note in r.notes:
-                    lines.append(f"  note ({r.where.split('  ')[0]}): {note}")
+                    lines.append(f"  note ({_split_where(r.where)[0]}): {note}")
         if self.misses:
-            lines.append("")
-            lines.append("Left alone:")
-            rows = [("where", "loss", "reason")] + [(m.where, m.loss, m.reason) for m in self.misses]
+            lines += ["", "Left alone:"]
+            rows = [("where", "code", "loss", "reason")]
+            rows += [(*_split_where(m.where), m.loss, m.reason) for m in self.misses]
             lines.extend(_table(rows))
         return "\n".join(lines)
 
     __repr__ = __str__
 
 
+def _split_where(where: str) -> tuple:
+    """``/long/path/file.py:42  code`` → (``file.py:42``, ``code``)."""
+    loc, _, code = where.partition("  ")
+    path, sep, line = loc.rpartition(":")
+    if sep and line.isdigit():
+        loc = f"{os.path.basename(path)}:{line}"
+    return loc, code.strip()
+
+
 def _table(rows: list) -> list:
-    widths = [min(max(len(str(r[i])) for r in rows), 70) for i in range(len(rows[0]))]
+    n = len(rows[0])  # the last column (options / reason) is never cut
+    widths = [max(len(str(r[i])) for r in rows) if i == n - 1 else min(max(len(str(r[i])) for r in rows), 60)
+              for i in range(n)]
 
     def fmt(r):
         cells = []
         for c, w in zip(r, widths):
             c = str(c)
             if len(c) > w:
-                c = "…" + c[-(w - 1):]
+                c = c[: w - 1] + "…"
             cells.append(c.ljust(w))
         return "  " + " | ".join(cells).rstrip()
 

@@ -966,8 +966,11 @@ def _emit_rewrite(graph: Graph, m: Match, emit: _Emitter, compute: Optional[torc
         opts["bias"] = True
     notes = []
     if logits_kept:
-        users = ", ".join(sorted(u.name for u in mm.node.users))
-        notes.append(f"logits kept: the matmul output has other users ({users})")
+        live = [n for n in [mm.node] + [st.node for st in reversed(m.steps)] if n not in erased]
+        outside = sorted({u.name if u.op != "output" else "graph output" for n in live for u in n.users
+                          if u not in live})
+        notes.append("logits kept (the original matmul stays for their other users: "
+                     f"{', '.join(outside)}); the fp32 upcast and log-softmax copies are still avoided")
     if lses:
         notes.append(f"{len(lses)} logsumexp (z-loss) served by the op's lse")
     n_sym = "x".join(str(s) for s in t_shape) or "1"
