@@ -97,7 +97,7 @@ def test_hf_loss_lambda(name):
     _assert_grads_close(got_g, want_g)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "bert_mlm"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_hf_whole_model_compiled(name):
     """torch.compile(model): logits are a graph output too; loss, logits and all gradients (through
     both the loss and the logits) stay exact."""

@@ -153,3 +153,23 @@ def test_logging(caplog):
     with caplog.at_level(logging.INFO, logger="cce_inductor"):
         check(loss_fn, (h, w, y), 1)
     assert any("rewrote cross_entropy" in rec.getMessage() for rec in caplog.records)
+
+
+def test_torch_logs_shows_our_logger(tmp_path):
+    """``TORCH_LOGS=cce_inductor`` turns our INFO lines on (registered with torch._logging)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import torch, torch.nn.functional as F\n"
+        "import cce_inductor.backend as B\n"
+        "h = torch.randn(2, 3, 4); w = torch.randn(5, 4); y = torch.randint(0, 5, (2, 3))\n"
+        "torch.compile(lambda h, w, y: F.cross_entropy((h @ w.T).view(-1, 5), y.view(-1)),\n"
+        "              backend=B.make_backend('eager'))(h, w, y)\n")
+    env = dict(os.environ, TORCH_LOGS="cce_inductor")
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "rewrote cross_entropy" in p.stderr, p.stderr[-2000:]
