@@ -438,3 +438,12 @@ def test_no_grad_block_around_both(data):
             loss = F.cross_entropy((h @ w.T).view(-1, V), y.view(-1))
         return loss + h.sum()
     check(f, (h, w, y), 1)
+
+
+def test_class_dim_4d_permute():
+    """(N, d1, d2, V) logits given to F.cross_entropy as (N, V, d1, d2) via permute(0, 3, 1, 2)."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 3, 4, D, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(V, D, generator=g, dtype=torch.float64).requires_grad_()
+    y = torch.randint(0, V, (2, 3, 4), generator=g)
+    check(lambda h, w, y: F.cross_entropy((h @ w.T).permute(0, 3, 1, 2), y, reduction="none"), (h, w, y), 1)
