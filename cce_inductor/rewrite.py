@@ -178,7 +178,6 @@ _ADDMM_SIG = _sig("input, mat1, mat2, *, beta=1, alpha=1, out=None")
 _LOG_SOFTMAX_SIG = _sig("input, dim=None, _stacklevel=3, dtype=None")
 _LOGSUMEXP_SIG = _sig("input, dim, keepdim=False, out=None")
 _FLATTEN_SIG = _sig("input, start_dim=0, end_dim=-1")
-_TO_SIG = _sig("self, *args, **kwargs")
 
 
 def is_loss_node(node: Node) -> bool:
@@ -479,8 +478,8 @@ class Match:
     label_smoothing: float
     mm: Matmul
     steps: list  # from the loss upwards
-    V: int
-    D: int
+    V: Any  # int, or a SymInt under dynamic shapes
+    D: Any
 
 
 def _loss_args(node: Node) -> dict:
