@@ -46,6 +46,10 @@ class KernelConfig:
     # Byte budget of the reusable [N, Vc] draw buffer of the backward (the only N x V-ish allocation).
     # pick_config derives it from the memory target (see chunk_budget).
     chunk_bytes: int = 32 * MiB
+    # Floor on the derived chunk width Vc: keeps the number of d_hidden read-modify-write passes
+    # (V / Vc) from growing with N, at the price of a draw buffer of N * min_chunk_cols elements.
+    # Without it, 32k tokens at llama3 got Vc = 256 and ran 9x slower than 8k (measured 591 ms).
+    min_chunk_cols: int = 0
     # Explicit chunk width Vc (tests); None: derived from chunk_bytes.
     chunk_cols: Optional[int] = None
     # Upcast 16-bit operands to fp32 before tl.dot. Needed under TRITON_INTERPRET (its 16-bit dot is
@@ -89,6 +93,7 @@ GPU_CONFIG = KernelConfig(
     draw=Tile(128, 256, 64, num_warps=8, num_stages=3),
     dhidden=Tile(128, 256, 64, num_warps=8, num_stages=3),
     merge_block=256,
+    min_chunk_cols=2048,
 )
 
 # fp32 operands take twice the shared memory per stage: halve the tile.
@@ -97,6 +102,7 @@ GPU_CONFIG_FP32 = KernelConfig(
     draw=Tile(128, 128, 32, num_warps=8, num_stages=3),
     dhidden=Tile(128, 128, 32, num_warps=8, num_stages=3),
     merge_block=256,
+    min_chunk_cols=2048,
 )
 
 # The backward may use this much memory beyond the two gradients it returns (fraction of their size);
@@ -165,6 +171,6 @@ def chunk_width(cfg: KernelConfig, N: int, V: int, elem_bytes: int) -> int:
     if cfg.chunk_cols is not None:
         cols = cfg.chunk_cols
     else:
-        cols = cfg.chunk_bytes // max(1, N * elem_bytes)
+        cols = max(cfg.chunk_bytes // max(1, N * elem_bytes), cfg.min_chunk_cols)
     cols = max(step, cols // step * step)
     return min(cols, cdiv(V, step) * step)
