@@ -77,8 +77,9 @@ def linear_cross_entropy_backward(grad_loss: Optional[Tensor], grad_lse: Optiona
     """(d_hidden, d_weight, d_bias); d_bias is an empty tensor when there is no bias."""
     _, bwd = _implementation(hidden)
     opts = _options(ignore_index, label_smoothing, softcap, logit_scale)
-    if grad_loss is not None:
-        grad_loss = grad_loss.to(_stat_dtype(hidden))
+    if grad_loss is None:  # only the lse was used (a z-loss alone): the loss term contributes nothing
+        grad_loss = hidden.new_zeros(hidden.shape[0], dtype=_stat_dtype(hidden))
+    grad_loss = grad_loss.to(_stat_dtype(hidden))
     if grad_lse is not None:
         grad_lse = grad_lse.to(_stat_dtype(hidden))
     d_hidden, d_weight, d_bias = bwd(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts)

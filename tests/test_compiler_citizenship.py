@@ -1,4 +1,7 @@
-"""The rewrite must not cost the user anything else: graph breaks, recompiles, cache hits, compile time."""
+"""The rewrite must not cost the user anything else: graph breaks, recompiles, cache hits.
+
+Its compile-time cost is measured by benchmarks/compile_overhead.py (a script, not a timed test).
+"""
 from __future__ import annotations
 
 import json
@@ -134,31 +137,3 @@ def test_fx_graph_cache_hits_in_new_process(tmp_path):
     assert second["hit"] >= 1, second
     assert second["bypass"] == 0 and second["miss"] == 0, second
     assert first["loss"] == second["loss"] and first["grad"] == second["grad"]
-
-
-def test_compile_time_overhead(capsys):
-    """Report the pass's own time against the whole compile (aot_eager inner; Inductor adds far more)."""
-    torch.manual_seed(0)
-    model = TinyLM()
-    ids = torch.randint(0, V, (2, 9))
-    spent = []
-    real = R.rewrite_graph
-
-    def timed(g):
-        t = time.perf_counter()
-        try:
-            return real(g)
-        finally:
-            spent.append(time.perf_counter() - t)
-    t0 = time.perf_counter()
-    compiled = torch.compile(model, backend=B.make_backend("aot_eager"))
-    try:
-        B.rewrite_graph = timed
-        compiled(ids, ids).backward()
-    finally:
-        B.rewrite_graph = real
-    total = time.perf_counter() - t0
-    with capsys.disabled():
-        print(f"\n[cce] rewrite pass {sum(spent) * 1e3:.1f} ms of {total * 1e3:.0f} ms compile+run "
-              f"({100 * sum(spent) / total:.1f}%)")
-    assert spent and sum(spent) < 0.5 * total

@@ -213,3 +213,22 @@ def test_out_of_range_target_under_compile_is_nan_not_garbage():
                        backend="aot_eager", fullgraph=True)
     out = fn(h, w, t)
     assert math.isnan(out[2].item()) and not out[[0, 1, 3]].isnan().any()
+
+
+@pytest.mark.parametrize("triton_on_cpu", [False, True])
+def test_lse_alone_backpropagates(triton_on_cpu):
+    """Only the lse output used (a z-loss with the loss discarded): the loss's gradient arrives as None."""
+    import os
+
+    from cce_inductor.op import use_triton_on_cpu
+
+    if triton_on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    h, w, _, t = make_inputs((5,), 16, 40, torch.float32)
+    with use_triton_on_cpu(triton_on_cpu):
+        _, lse = cce_inductor.linear_cross_entropy(h, w, t, reduction="none", return_lse=True)
+        dh, dw = torch.autograd.grad((lse**2).sum(), [h, w])
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.logsumexp(h64 @ w64.T, -1)
+    rdh, rdw = torch.autograd.grad((ref**2).sum(), [h64, w64])
+    assert rel_err(dh, rdh) < 1e-5 and rel_err(dw, rdw) < 1e-5
