@@ -1,0 +1,75 @@
+"""The pass driver: :func:`rewrite_graph` matches and rewrites every loss of a Dynamo FX graph."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..logging_ import log
+from .emit import apply_match
+from .fx_util import _call, _val, location
+from .match import Miss, match_loss
+from .records import MissRecord, PassResult
+from .regions import _autocast_regions, _grad_modes, _Regions
+from .spellings import _CE_FNS, is_loss_node, match_matmul
+
+
+def _fed_by_matmul(node: Node, depth: int = 24) -> bool:
+    """Is a matmul spelling among the first ancestors of the loss input (for reporting misses)?"""
+    frontier = [node.args[0]] if node.args else []
+    seen = set()
+    while frontier and depth > 0:
+        depth -= 1
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, Node) or n in seen:
+                continue
+            seen.add(n)
+            if match_matmul(n) is not None:
+                return True
+            nxt.extend(a for a in n.all_input_nodes if isinstance(_val(a), torch.Tensor))
+        frontier = nxt
+    return False
+
+
+def rewrite_graph(graph_or_module: Any) -> PassResult:
+    """Rewrite every recognised linear + cross-entropy in a Dynamo FX graph, in place.
+
+    Accepts a ``torch.fx.Graph`` (the custom-pass hook's argument) or a ``GraphModule`` (which is
+    recompiled when anything changed). Returns what was rewritten and what was left alone, and why.
+    """
+    graph = graph_or_module.graph if isinstance(graph_or_module, GraphModule) else graph_or_module
+    result = PassResult()
+    losses = [n for n in graph.nodes if is_loss_node(n)]
+    if not losses:
+        return result
+    regions = _Regions(_autocast_regions(graph), _grad_modes(graph))
+    for loss in losses:
+        kind = "cross_entropy" if _call(loss, _CE_FNS) else "nll_loss"
+        where = location(loss)
+        try:
+            try:
+                m = match_loss(loss)
+            except Miss:
+                raise
+            except Exception as e:  # an unforeseen graph shape: report it, never fail the compile
+                log.debug("cce: matcher error at %s", where, exc_info=True)
+                raise Miss(f"internal error while matching: {type(e).__name__}: {e}") from e
+            r = apply_match(graph, m, regions)
+        except Miss as e:
+            if _fed_by_matmul(loss):
+                result.misses.append(MissRecord(where, kind, str(e)))
+                log.info("cce: left %s at %s alone: %s", kind, where, e)
+            continue
+        result.rewrites.append(r)
+        log.info("cce: rewrote %s at %s (N=%s D=%s V=%s %s)%s", kind, where, r.N, r.D, r.V, r.options,
+                 "; " + "; ".join(r.notes) if r.notes else "")
+    if result.rewrites:
+        graph.lint()
+        owner = getattr(graph, "owning_module", None)
+        if isinstance(graph_or_module, GraphModule):
+            graph_or_module.recompile()
+        elif isinstance(owner, GraphModule):
+            owner.recompile()
+    return result

@@ -1,0 +1,36 @@
+"""What the pass reports: one :class:`Rewrite` per replaced loss, one :class:`MissRecord` per loss left alone."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class Rewrite:
+    """One loss node replaced by ``linear_cross_entropy``."""
+
+    where: str
+    loss: str  # "cross_entropy" | "nll_loss"
+    spelling: str
+    N: Any
+    D: int
+    V: int
+    dtype: str
+    options: dict
+    saved_bytes: Optional[int]
+    logits_kept: bool
+    lse_served: int = 0
+    notes: list = field(default_factory=list)
+
+
+@dataclass
+class MissRecord:
+    where: str
+    loss: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    rewrites: list = field(default_factory=list)
+    misses: list = field(default_factory=list)
