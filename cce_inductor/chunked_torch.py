@@ -5,7 +5,7 @@ follows the same contract as the Triton kernels in ``cce_inductor.kernels``:
 
     forward(hidden [N, D], weight [V, D], bias [V] | None, targets [N], opts) -> (loss [N], lse [N]; float32, float64 for float64 inputs)
     backward(grad_loss [N], grad_lse [N] | None, hidden, weight, bias, targets, lse, opts)
-        -> (d_hidden [N, D], d_weight [V, D], d_bias [V] | None)
+        -> (d_hidden [N, D], d_weight [V, D] | None (need_d_weight=False), d_bias [V] | None)
 
 Logits exist only one token chunk at a time. Arithmetic is float32 (float64 for float64 inputs) from
 the matmul on, so the result is at least as exact as eager PyTorch's.
@@ -81,13 +81,13 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
 
 
 def backward(grad_loss: Optional[Tensor], grad_lse: Optional[Tensor], hidden: Tensor, weight: Tensor,
-             bias: Optional[Tensor], targets: Tensor, lse: Tensor, opts: LossOptions):
+             bias: Optional[Tensor], targets: Tensor, lse: Tensor, opts: LossOptions, need_d_weight: bool = True):
     n, v = hidden.shape[0], weight.shape[0]
     cd = _compute_dtype(hidden)
     w = weight.to(cd)
     b = None if bias is None else bias.to(cd)
     d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    d_weight = torch.zeros(weight.shape, dtype=cd, device=weight.device)
+    d_weight = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_d_weight else None
     d_bias = None if bias is None else torch.zeros(v, dtype=cd, device=weight.device)
     eps = opts.label_smoothing
     step = _rows_per_chunk(n, v)
@@ -110,7 +110,9 @@ def backward(grad_loss: Optional[Tensor], grad_lse: Optional[Tensor], hidden: Te
         if opts.logit_scale != 1.0:
             dz *= opts.logit_scale
         d_hidden[s:e] = (dz @ w).to(hidden.dtype)
-        d_weight += dz.T @ h
+        if d_weight is not None:
+            d_weight += dz.T @ h
         if d_bias is not None:
             d_bias += dz.sum(dim=0)
-    return (d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype))
+    return (d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_bias is None else d_bias.to(bias.dtype))

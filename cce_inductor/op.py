@@ -73,8 +73,9 @@ def _(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, log
 def linear_cross_entropy_backward(grad_loss: Optional[Tensor], grad_lse: Optional[Tensor], hidden: Tensor,
                                   weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
                                   ignore_index: int, label_smoothing: float, softcap: Optional[float],
-                                  logit_scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(d_hidden, d_weight, d_bias); d_bias is an empty tensor when there is no bias."""
+                                  logit_scale: float, need_d_weight: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_hidden, d_weight, d_bias); d_bias is an empty tensor when there is no bias, d_weight an empty
+    tensor when ``need_d_weight`` is False (a frozen lm-head: its matmul is skipped)."""
     _, bwd = _implementation(hidden)
     opts = _options(ignore_index, label_smoothing, softcap, logit_scale)
     if grad_loss is None:  # only the lse was used (a z-loss alone): the loss term contributes nothing
@@ -82,7 +83,10 @@ def linear_cross_entropy_backward(grad_loss: Optional[Tensor], grad_lse: Optiona
     grad_loss = grad_loss.to(_stat_dtype(hidden))
     if grad_lse is not None:
         grad_lse = grad_lse.to(_stat_dtype(hidden))
-    d_hidden, d_weight, d_bias = bwd(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts)
+    d_hidden, d_weight, d_bias = bwd(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts,
+                                     need_d_weight=need_d_weight)
+    if d_weight is None:
+        d_weight = hidden.new_empty(0)
     if d_bias is None:
         d_bias = hidden.new_empty(0)
     return d_hidden, d_weight, d_bias
@@ -90,10 +94,10 @@ def linear_cross_entropy_backward(grad_loss: Optional[Tensor], grad_lse: Optiona
 
 @linear_cross_entropy_backward.register_fake
 def _(grad_loss, grad_lse, hidden, weight, bias, targets, lse, ignore_index, label_smoothing, softcap,
-      logit_scale):
+      logit_scale, need_d_weight=True):
     d_bias = hidden.new_empty(0) if bias is None else torch.empty_like(bias)
-    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format), d_bias)
+    d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_d_weight else hidden.new_empty(0)
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format), d_weight, d_bias
 
 
 def _setup_context(ctx, inputs, output):
@@ -109,9 +113,11 @@ def _backward(ctx, grad_loss, grad_lse):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     if grad_loss is None and grad_lse is None:
         return None, None, None, None, None, None, None, None
+    need_d_weight = ctx.needs_input_grad[1]
     d_hidden, d_weight, d_bias = linear_cross_entropy_backward(grad_loss, grad_lse, hidden, weight, bias, targets,
-                                                               lse, *ctx.loss_args)
-    return d_hidden, d_weight, (d_bias if bias is not None else None), None, None, None, None, None
+                                                               lse, *ctx.loss_args, need_d_weight=need_d_weight)
+    return (d_hidden, d_weight if need_d_weight else None, d_bias if bias is not None else None,
+            None, None, None, None, None)
 
 
 linear_cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)

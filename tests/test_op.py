@@ -232,3 +232,37 @@ def test_lse_alone_backpropagates(triton_on_cpu):
     ref = torch.logsumexp(h64 @ w64.T, -1)
     rdh, rdw = torch.autograd.grad((ref**2).sum(), [h64, w64])
     assert rel_err(dh, rdh) < 1e-5 and rel_err(dw, rdw) < 1e-5
+
+
+@pytest.mark.parametrize("triton_on_cpu", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_frozen_weight_skips_its_gradient(triton_on_cpu, compiled):
+    """A frozen lm-head (LoRA, frozen embeddings): d_hidden exact, no d_weight computed or returned."""
+    import os
+
+    from cce_inductor.op import use_triton_on_cpu
+
+    if triton_on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    h, w, b, t = make_inputs((3, 5), 16, 40, torch.float32, bias=True)
+    w = w.detach()  # frozen
+    fn = lambda h, w, t, b: cce_inductor.linear_cross_entropy(h, w, t, bias=b, softcap=3.0)  # noqa: E731
+    if compiled:
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    with use_triton_on_cpu(triton_on_cpu):
+        loss = fn(h, w, t, b)
+        loss.backward()
+    assert w.grad is None
+    _, _, (rdh, _, rdb) = float64_reference(h, w, b, t, softcap=3.0, upstream_seed=None)
+    assert rel_err(h.grad, rdh) < 1e-5 and rel_err(b.grad, rdb) < 1e-5
+    out = torch.ops.cce.linear_cross_entropy_backward(torch.ones(15), None, h.detach().reshape(15, 16), w, None,
+                                                      t.reshape(-1), torch.zeros(15), -100, 0.0, None, 1.0, False)
+    assert out[1].numel() == 0
+
+
+def test_opcheck_backward_without_d_weight():
+    h, w, _, t = make_inputs((6,), 8, 11, torch.float32)
+    _, lse = torch.ops.cce.linear_cross_entropy_forward(h, w, None, t, -100, 0.0, None, 1.0)
+    torch.library.opcheck(torch.ops.cce.linear_cross_entropy_backward.default,
+                          (torch.randn(6), None, h.detach(), w.detach(), None, t, lse.detach(),
+                           -100, 0.0, None, 1.0, False))

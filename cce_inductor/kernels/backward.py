@@ -163,23 +163,27 @@ def triton_backward(
     lse: torch.Tensor,
     opts: LossOptions,
     config: Optional[KernelConfig] = None,
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(d_hidden, d_weight, d_bias); see cce_inductor.kernels for the contract."""
+    need_d_weight: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(d_hidden, d_weight, d_bias); see cce_inductor.kernels for the contract.
+
+    ``need_d_weight=False`` (a frozen weight) skips the d_weight matmul and returns None for it.
+    """
     with torch.no_grad():  # torch.mm(out=...) refuses inputs that require grad under grad mode
-        return _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, config)
+        return _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, config, need_d_weight)
 
 
-def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, config):
+def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, config, need_d_weight):
     check_inputs(hidden, weight, bias, targets)
     N, D = hidden.shape
     V = weight.shape[0]
     dev, dtype = hidden.device, hidden.dtype
     d_hidden = torch.empty((N, D), device=dev, dtype=dtype)
-    d_weight = torch.empty((V, D), device=dev, dtype=weight.dtype)
+    d_weight = torch.empty((V, D), device=dev, dtype=weight.dtype) if need_d_weight else None
     d_bias32 = torch.empty(V, device=dev, dtype=torch.float32) if bias is not None else None
     if N == 0:
-        d_weight.zero_()
-        return d_hidden, d_weight, (d_bias32.zero_().to(bias.dtype) if bias is not None else None)
+        return (d_hidden, None if d_weight is None else d_weight.zero_(),
+                d_bias32.zero_().to(bias.dtype) if bias is not None else None)
     cfg = config if config is not None else pick_config(N, D, V, dtype, dev)
     targets = targets.contiguous()
     lse = lse.contiguous()
@@ -221,7 +225,8 @@ def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, con
             UPCAST=cfg.upcast_dot, DOT_PREC=prec, VOCAB_FASTEST=cfg.draw_vocab_fastest,
             num_warps=td.num_warps, num_stages=td.num_stages,
         )
-        torch.mm(draw.t(), hidden, out=d_weight[v0:v0 + w])
+        if d_weight is not None:
+            torch.mm(draw.t(), hidden, out=d_weight[v0:v0 + w])
         grid = (cdiv(N, th.block_m), cdiv(D, th.block_n))
         _dhidden_kernel[grid[::-1] if cfg.dhidden_d_fastest else grid](
             buf, w_chunk, d_hidden, d_hidden_lo,
