@@ -44,6 +44,12 @@ def _implementation(hidden: Tensor):
     return chunked_torch.forward, chunked_torch.backward
 
 
+def _autocast_off(hidden: Tensor):
+    """The implementations choose their own precision: autocast (still on inside a custom op's body,
+    and during a backward run under it) must not recast their internal matmuls."""
+    return torch.autocast(hidden.device.type, enabled=False)
+
+
 def _stat_dtype(hidden: Tensor) -> torch.dtype:
     """dtype of the per-token loss and lse: float32, or float64 for float64 inputs."""
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -60,7 +66,8 @@ def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, bias: Optional[
                                  logit_scale: float) -> tuple[Tensor, Tensor]:
     """Per-token (loss, lse) [N], float32 (float64 for float64 inputs); loss is 0 on ignored tokens."""
     fwd, _ = _implementation(hidden)
-    return fwd(hidden, weight, bias, targets, _options(ignore_index, label_smoothing, softcap, logit_scale))
+    with _autocast_off(hidden):
+        return fwd(hidden, weight, bias, targets, _options(ignore_index, label_smoothing, softcap, logit_scale))
 
 
 @linear_cross_entropy_forward.register_fake
@@ -83,8 +90,9 @@ def linear_cross_entropy_backward(grad_loss: Optional[Tensor], grad_lse: Optiona
     grad_loss = grad_loss.to(_stat_dtype(hidden))
     if grad_lse is not None:
         grad_lse = grad_lse.to(_stat_dtype(hidden))
-    d_hidden, d_weight, d_bias = bwd(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts,
-                                     need_d_weight=need_d_weight)
+    with _autocast_off(hidden):
+        d_hidden, d_weight, d_bias = bwd(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts,
+                                         need_d_weight=need_d_weight)
     if d_weight is None:
         d_weight = hidden.new_empty(0)
     if d_bias is None:
