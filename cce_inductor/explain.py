@@ -41,7 +41,7 @@ class ExplainReport:
 
     def __str__(self) -> str:
         lines = [f"cce_inductor.explain: {len(self.rewrites)} rewrite(s), {len(self.misses)} miss(es) "
-                 f"in {self.graphs} graph(s); estimated activation memory saved {_fmt_bytes(self.saved_bytes)}"]
+                 f"in {self.graphs} graph(s); estimated activation memory saved vs eager {_fmt_bytes(self.saved_bytes)}"]
         if self.rewrites:
             lines += ["", "Rewritten:"]
             rows = [("where", "code", "loss", "matmul", "N", "D", "V", "dtype", "options", "saved")]
