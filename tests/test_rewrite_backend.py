@@ -145,8 +145,17 @@ def test_explain_with_graph_break():
         print("graph break")  # noqa: T201
         return F.cross_entropy(z.view(-1, V), y.view(-1))
     report = explain(f, h, w, y)
-    # the matmul and the loss end up in different graphs: nothing to rewrite, no false report either
+    # the matmul and the loss end up in different graphs: nothing to rewrite, and the report says why
     assert report.graphs >= 2 and not report.rewrites
+    assert len(report.misses) == 1 and "graph break" in report.misses[0].reason
+
+
+def test_explain_does_not_blame_a_graph_break_for_other_losses():
+    """Logits computed inside the graph by something that is not a matmul: no rewrite, no report."""
+    h, w, b, y = make_inputs(d=D, v=V)
+    report = explain(lambda h, y: F.cross_entropy((h[..., :1] * h[..., :1].mean(-1, keepdim=True)).expand(
+        *h.shape[:-1], V).reshape(-1, V), y.view(-1)), h, y)
+    assert not report.rewrites and not report.misses
 
 
 def test_logging(caplog):

@@ -33,6 +33,25 @@ def _fed_by_matmul(node: Node, depth: int = 24) -> bool:
     return False
 
 
+def _logits_are_graph_input(node: Node, depth: int = 16) -> bool:
+    """Do the loss's logits come straight from a graph input, through ops with one tensor input each
+    (view, float, slice, scale, ...)? Then the matmul, if any, ran in another graph: a graph break
+    between the lm-head and the loss, or logits computed outside torch.compile."""
+    cur = node.args[0] if node.args else None
+    while isinstance(cur, Node) and depth > 0:
+        if cur.op == "placeholder":
+            return isinstance(_val(cur), torch.Tensor)
+        inputs = [a for a in cur.all_input_nodes if isinstance(_val(a), torch.Tensor)]
+        if len(inputs) != 1:
+            return False
+        cur, depth = inputs[0], depth - 1
+    return False
+
+
+GRAPH_INPUT_REASON = ("the logits are an input of this graph: they were computed in another graph (a graph break "
+                      "between the lm-head and the loss?) or outside torch.compile, so there is no matmul to fuse")
+
+
 def rewrite_graph(graph_or_module: Any) -> PassResult:
     """Rewrite every recognised linear + cross-entropy in a Dynamo FX graph, in place.
 
@@ -61,6 +80,9 @@ def rewrite_graph(graph_or_module: Any) -> PassResult:
             if _fed_by_matmul(loss):
                 result.misses.append(MissRecord(where, kind, str(e)))
                 log.info("cce: left %s at %s alone: %s", kind, where, e)
+            elif _logits_are_graph_input(loss):
+                result.misses.append(MissRecord(where, kind, GRAPH_INPUT_REASON))
+                log.info("cce: left %s at %s alone: %s", kind, where, GRAPH_INPUT_REASON)
             continue
         result.rewrites.append(r)
         log.info("cce: rewrote %s at %s (N=%s D=%s V=%s %s)%s", kind, where, r.N, r.D, r.V, r.options,
