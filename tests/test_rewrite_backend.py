@@ -183,3 +183,21 @@ def test_torch_logs_shows_our_logger(tmp_path):
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "rewrote cross_entropy" in p.stderr, p.stderr[-2000:]
+
+
+def test_tensor_subclass_weight_is_left_alone():
+    """A tensor subclass (a sharded DTensor in real use; TwoTensor here) has no rule for the cce op:
+    the loss is left exactly as it was and the report says why."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    torch.manual_seed(0)
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    wt = TwoTensor(w.clone(), w.clone())
+
+    def f(h, w, t):
+        return F.cross_entropy(F.linear(h, w).float(), t)
+    report = explain(f, h, wt, t)
+    assert not report.rewrites and len(report.misses) == 1 and "tensor subclass" in report.misses[0].reason
+    out = torch.compile(f, backend=B.make_backend("aot_eager"))(h, wt, t)
+    torch.testing.assert_close(out.a, f(h, w, t))
+    torch.testing.assert_close(out.b, f(h, w, t))

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import torch
 from torch.fx import Node
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .fx_util import _bind, _call, _describe, _dtype, _is_number, _last_dim, _norm_dim, _shape, _val
 from .spellings import (
@@ -149,6 +150,11 @@ def match_loss(loss: Node) -> Match:
     d = hs[-1]
     if not (_dtype(mm.hidden) or torch.int64).is_floating_point:
         raise Miss("hidden is not floating point")
+    for name, node in (("hidden", mm.hidden), ("weight", mm.weight if mm.weight is not None else mm.weight_t),
+                       ("bias", mm.bias), ("target", a["target"])):
+        if isinstance(node, Node) and is_traceable_wrapper_subclass(_val(node)):
+            raise Miss(f"{name} is a tensor subclass ({type(_val(node)).__name__}, e.g. a sharded DTensor): "
+                       "the op takes plain tensors")
     _check_order(steps, is_ce, mm)
     return Match(loss, "cross_entropy" if is_ce else "nll_loss", a["target"], a["ignore_index"], a["reduction"],
                  float(a["label_smoothing"]), mm, steps, v, d)
