@@ -201,3 +201,23 @@ def test_tensor_subclass_weight_is_left_alone():
     out = torch.compile(f, backend=B.make_backend("aot_eager"))(h, wt, t)
     torch.testing.assert_close(out.a, f(h, w, t))
     torch.testing.assert_close(out.b, f(h, w, t))
+
+
+def test_backend_name_works_without_importing_us(tmp_path):
+    """``backend="cce"`` resolves through the ``torch_dynamo_backends`` entry point of the installed
+    package: the user's script never imports cce_inductor."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, torch.nn.functional as F\n"
+        "f = torch.compile(lambda e, c, t: F.cross_entropy((e @ c.T).float(), t), backend='cce')\n"
+        "e = torch.randn(8, 16); c = torch.randn(50, 16); t = torch.randint(0, 50, (8,))\n"
+        "l = f(e, c, t)\n"
+        "print('cce_inductor' in sys.modules, abs(l.item() - F.cross_entropy(e @ c.T, t).item()) < 1e-5)\n")
+    env = dict(os.environ, TORCH_LOGS="cce_inductor")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["True", "True"]
+    assert "rewrote cross_entropy" in p.stderr
