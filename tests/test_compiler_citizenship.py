@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cce_inductor.backend as B
-import cce_inductor.rewrite as R
 from test_rewrite_util import _reset_dynamo  # noqa: F401
 
 V, D = 13, 8
