@@ -24,7 +24,9 @@ from .options import LossOptions
 CHUNK_ELEMENTS = 2 * 2**20
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
+def stat_dtype(t: Tensor) -> torch.dtype:
+    """Arithmetic dtype of the op, and the dtype of its per-token loss and lse: float64 for float64
+    inputs, else float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -55,7 +57,7 @@ def _target_status(t: Tensor, v: int, ignore_index: int) -> tuple[Tensor, Tensor
 
 def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, opts: LossOptions):
     n, v = hidden.shape[0], weight.shape[0]
-    cd = _compute_dtype(hidden)
+    cd = stat_dtype(hidden)
     w = weight.to(cd)
     b = None if bias is None else bias.to(cd)
     loss = torch.empty(n, dtype=cd, device=hidden.device)
@@ -80,10 +82,10 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
     return loss, lse
 
 
-def backward(grad_loss: Optional[Tensor], grad_lse: Optional[Tensor], hidden: Tensor, weight: Tensor,
+def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weight: Tensor,
              bias: Optional[Tensor], targets: Tensor, lse: Tensor, opts: LossOptions, need_d_weight: bool = True):
     n, v = hidden.shape[0], weight.shape[0]
-    cd = _compute_dtype(hidden)
+    cd = stat_dtype(hidden)
     w = weight.to(cd)
     b = None if bias is None else bias.to(cd)
     d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
@@ -97,7 +99,7 @@ def backward(grad_loss: Optional[Tensor], grad_lse: Optional[Tensor], hidden: Te
         z, th = _logits(h, w, b, opts)
         valid, bad, idx = _target_status(targets[s:e], v, opts.ignore_index)
         # g: weight of the loss term per row (0 on ignored rows; NaN propagates from out-of-range rows).
-        g = torch.zeros(e - s, dtype=cd, device=h.device) if grad_loss is None else grad_loss[s:e].to(cd)
+        g = grad_loss[s:e].to(cd)
         g = torch.where(valid | bad, g, torch.zeros_like(g))
         g = torch.where(bad, torch.full_like(g, float("nan")), g)
         row_weight = g if grad_lse is None else g + grad_lse[s:e].to(cd)

@@ -50,11 +50,6 @@ def _autocast_off(hidden: Tensor):
     return torch.autocast(hidden.device.type, enabled=False)
 
 
-def _stat_dtype(hidden: Tensor) -> torch.dtype:
-    """dtype of the per-token loss and lse: float32, or float64 for float64 inputs."""
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
-
-
 def _options(ignore_index, label_smoothing, softcap, logit_scale) -> LossOptions:
     return LossOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
                        logit_scale=logit_scale)
@@ -72,7 +67,7 @@ def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, bias: Optional[
 
 @linear_cross_entropy_forward.register_fake
 def _(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale):
-    n, dtype = hidden.shape[0], _stat_dtype(hidden)
+    n, dtype = hidden.shape[0], chunked_torch.stat_dtype(hidden)
     return hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype)
 
 
@@ -85,11 +80,12 @@ def linear_cross_entropy_backward(grad_loss: Optional[Tensor], grad_lse: Optiona
     tensor when ``need_d_weight`` is False (a frozen lm-head: its matmul is skipped)."""
     _, bwd = _implementation(hidden)
     opts = _options(ignore_index, label_smoothing, softcap, logit_scale)
+    stat = chunked_torch.stat_dtype(hidden)
     if grad_loss is None:  # only the lse was used (a z-loss alone): the loss term contributes nothing
-        grad_loss = hidden.new_zeros(hidden.shape[0], dtype=_stat_dtype(hidden))
-    grad_loss = grad_loss.to(_stat_dtype(hidden))
+        grad_loss = hidden.new_zeros(hidden.shape[0], dtype=stat)
+    grad_loss = grad_loss.to(stat)
     if grad_lse is not None:
-        grad_lse = grad_lse.to(_stat_dtype(hidden))
+        grad_lse = grad_lse.to(stat)
     with _autocast_off(hidden):
         d_hidden, d_weight, d_bias = bwd(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts,
                                          need_d_weight=need_d_weight)
