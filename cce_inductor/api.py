@@ -104,6 +104,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
         bias = None if bias is None else bias.to(amp_dtype)
     _check_inputs(hidden, weight, targets, bias, reduction)
     LossOptions(ignore_index, label_smoothing, softcap, logit_scale)  # validates the options
+    if targets.dtype not in (torch.int32, torch.int64):  # the kernels index with int32/int64 labels
+        targets = targets.long()
     _check_target_range(targets, weight.shape[0], ignore_index)
 
     lead_shape = hidden.shape[:-1]

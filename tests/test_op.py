@@ -270,3 +270,10 @@ def test_opcheck_backward_without_d_weight():
     torch.library.opcheck(torch.ops.cce.linear_cross_entropy_backward.default,
                           (torch.randn(6), None, h.detach(), w.detach(), None, t, lse.detach(),
                            -100, 0.0, None, 1.0, False))
+
+
+def test_small_integer_targets_are_accepted():
+    h, w, _, t = make_inputs((6,), 8, 11, torch.float32, ignore_frac=0.0)
+    ref = cce_inductor.linear_cross_entropy(h, w, t)
+    torch.testing.assert_close(cce_inductor.linear_cross_entropy(h, w, t.to(torch.uint8)), ref)
+    torch.testing.assert_close(cce_inductor.linear_cross_entropy(h, w, t.to(torch.int16)), ref)
