@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from cce_inductor.backend import make_backend
-from test_rewrite_util import _reset_dynamo  # noqa: F401
+from test_rewrite_util import _reset_dynamo, counting_installed_pass  # noqa: F401
 
 T = pytest.importorskip("transformers")
 
@@ -140,24 +140,11 @@ def test_hf_num_items_in_batch_and_inductor():
 
 def test_hf_install_plain_torch_compile_inductor():
     """``cce_inductor.install()`` + plain ``torch.compile(model)`` (Inductor, as HF Trainer compiles)."""
-    import cce_inductor.backend as B
-
     model = _model("llama").float()
     ids, labels = _batch()
-    seen = []
-    real = B.rewrite_graph
-
-    def spy(graph):
-        res = real(graph)
-        seen.append(len(res.rewrites))
-        return res
-    B.rewrite_graph = spy
-    try:
-        with B.install():
-            out = torch.compile(model)(input_ids=ids, labels=labels)
-            got_g = _grads(model, out.loss)
-    finally:
-        B.rewrite_graph = real
+    with counting_installed_pass() as seen:
+        out = torch.compile(model)(input_ids=ids, labels=labels)
+        got_g = _grads(model, out.loss)
     ref = model(input_ids=ids, labels=labels)
     want_g = _grads(model, ref.loss)
     assert sum(seen) == 1, seen

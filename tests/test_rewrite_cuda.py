@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cce_inductor.backend as B
-from test_rewrite_util import _reset_dynamo  # noqa: F401
+from test_rewrite_util import _reset_dynamo, counting_installed_pass  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -40,19 +39,8 @@ def test_cuda_install_inductor(mode):
             return F.cross_entropy(F.linear(h, w).float().view(-1, v), y.view(-1))
         z = 30.0 * torch.tanh(F.linear(h, w) / 30.0)
         return F.cross_entropy(z[:, :-1].reshape(-1, v), y[:, 1:].reshape(-1), label_smoothing=0.1)
-    seen = []
-    real = B.rewrite_graph
-
-    def spy(graph):
-        r = real(graph)
-        seen.append(len(r.rewrites))
-        return r
-    B.rewrite_graph = spy
-    try:
-        with B.install():
-            got, got_g = _run(torch.compile(fn, fullgraph=True), (h, w, y), [h, w])
-    finally:
-        B.rewrite_graph = real
+    with counting_installed_pass() as seen:
+        got, got_g = _run(torch.compile(fn, fullgraph=True), (h, w, y), [h, w])
     # reference: eager in float64
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
 

@@ -1,9 +1,12 @@
 """Shared helpers for the rewrite tests (compile with the cce backend, compare with eager)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
+import cce_inductor.backend as backend_module
 from cce_inductor.backend import make_backend
 
 
@@ -20,6 +23,29 @@ def compile_counting(fn, inner="aot_eager", fullgraph=True, dynamic=None):
     compiled = torch.compile(fn, backend=make_backend(inner, on_result=results.append), fullgraph=fullgraph,
                              dynamic=dynamic)
     return compiled, results
+
+
+@contextlib.contextmanager
+def counting_installed_pass():
+    """``cce_inductor.install()`` with a spy on the rewrite; yields the list of rewrite counts, one per graph.
+
+    Inductor's FX-graph and AOTAutograd caches are switched off inside: on a cache hit Inductor reuses the
+    compiled (already rewritten) program without running any pre-grad pass, so the spy would see nothing
+    on a machine whose cache is warm from an earlier run of the same test.
+    """
+    seen = []
+    real = backend_module.rewrite_graph
+
+    def spy(graph):
+        res = real(graph)
+        seen.append(len(res.rewrites))
+        return res
+    backend_module.rewrite_graph = spy
+    try:
+        with torch._inductor.config.patch(force_disable_caches=True), backend_module.install():
+            yield seen
+    finally:
+        backend_module.rewrite_graph = real
 
 
 def n_rewrites(results):
