@@ -106,14 +106,16 @@ _CACHE_SCRIPT = textwrap.dedent("""
     B.rewrite_graph = timed
     B.install()
     t0 = time.perf_counter()
-    out = torch.compile(f)(h, w, y)
-    out.backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = torch.compile(f)(h, w, y)
+        out.backward()
     total = time.perf_counter() - t0
+    cce_calls = sum(1 for e in prof.events() if e.name.startswith("cce::"))
     print(json.dumps({{"hit": counters["inductor"]["fxgraph_cache_hit"],
                       "miss": counters["inductor"]["fxgraph_cache_miss"],
                       "bypass": counters["inductor"]["fxgraph_cache_bypass"],
                       "aot_hit": counters["aot_autograd"]["autograd_cache_hit"],
-                      "loss": out.item(), "grad": h.grad.sum().item(),
+                      "loss": out.item(), "grad": h.grad.sum().item(), "cce_calls": cce_calls,
                       "compile_s": round(total, 3), "pass_ms": round(1e3 * sum(spent), 2)}}))
 """)
 
@@ -136,3 +138,5 @@ def test_fx_graph_cache_hits_in_new_process(tmp_path):
     assert second["hit"] >= 1, second
     assert second["bypass"] == 0 and second["miss"] == 0, second
     assert first["loss"] == second["loss"] and first["grad"] == second["grad"]
+    # the cached program is the rewritten one: it still runs the cce forward and backward ops
+    assert first["cce_calls"] >= 2 and second["cce_calls"] == first["cce_calls"], (first, second)
