@@ -106,11 +106,14 @@ _CACHE_SCRIPT = textwrap.dedent("""
     B.rewrite_graph = timed
     B.install()
     t0 = time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = torch.compile(f)(h, w, y)
-        out.backward()
+    compiled = torch.compile(f)
+    out = compiled(h, w, y)
+    out.backward()
     total = time.perf_counter() - t0
-    cce_calls = sum(1 for e in prof.events() if e.name.startswith("cce::"))
+    # one more step, profiled: the cce ops the compiled program runs (compile-time tracing left out)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        compiled(h, w, y).backward()
+    cce_calls = sorted(e.name for e in prof.events() if e.name.startswith("cce::"))
     print(json.dumps({{"hit": counters["inductor"]["fxgraph_cache_hit"],
                       "miss": counters["inductor"]["fxgraph_cache_miss"],
                       "bypass": counters["inductor"]["fxgraph_cache_bypass"],
@@ -139,4 +142,5 @@ def test_fx_graph_cache_hits_in_new_process(tmp_path):
     assert second["bypass"] == 0 and second["miss"] == 0, second
     assert first["loss"] == second["loss"] and first["grad"] == second["grad"]
     # the cached program is the rewritten one: it still runs the cce forward and backward ops
-    assert first["cce_calls"] >= 2 and second["cce_calls"] == first["cce_calls"], (first, second)
+    assert {"cce::linear_cross_entropy_forward", "cce::linear_cross_entropy_backward"} <= set(first["cce_calls"])
+    assert second["cce_calls"] == first["cce_calls"], (first, second)
