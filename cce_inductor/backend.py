@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import Any, Callable, Optional, Union
@@ -52,12 +53,27 @@ def pass_uuid() -> str:
 # The backend
 # ---------------------------------------------------------------------------------------------
 
-def _resolve_inner(inner: Union[str, Callable]) -> Callable:
-    if callable(inner):
-        return inner
-    from torch._dynamo.backends.registry import lookup_backend
+def _resolve_inner(inner: Union[str, Callable], kwargs: dict) -> Callable:
+    """The compiler behind the rewrite, given what torch.compile passed the backend (``mode``, ``options``).
 
-    return lookup_backend(inner)
+    For Inductor, ``mode``/``options`` mean what they mean in ``torch.compile(backend="inductor", ...)``:
+    they become Inductor config patches, built (and validated) by the same wrapper torch.compile uses.
+    Any other backend receives them as keyword arguments, as torch.compile would pass them to it.
+    """
+    mode, options = kwargs.pop("mode", None), kwargs.pop("options", None)
+    if inner == "inductor" and (mode or options):
+        return torch._TorchCompileInductorWrapper(mode, options, None)
+    if mode:
+        kwargs["mode"] = mode
+    if options:
+        kwargs["options"] = options
+    if callable(inner):
+        fn = inner
+    else:
+        from torch._dynamo.backends.registry import lookup_backend
+
+        fn = lookup_backend(inner)
+    return functools.partial(fn, **kwargs) if kwargs else fn
 
 
 def make_backend(inner: Union[str, Callable] = "inductor",
@@ -65,6 +81,8 @@ def make_backend(inner: Union[str, Callable] = "inductor",
     """A torch.compile backend: rewrite linear + cross-entropy in the Dynamo graph, then compile with
     ``inner`` ("inductor", "aot_eager", "eager", or any backend callable ``(gm, example_inputs)``).
 
+    ``torch.compile(..., mode=..., options=...)`` reach ``inner`` as they would without the rewrite
+    (for Inductor: ``mode="max-autotune"``, ``"reduce-overhead"``, ``options={...}`` config patches).
     ``on_result`` (optional) receives each graph's :class:`~cce_inductor.rewrite.PassResult`.
     """
 
@@ -72,18 +90,17 @@ def make_backend(inner: Union[str, Callable] = "inductor",
         result = rewrite_graph(gm)
         if on_result is not None:
             on_result(result)
-        return _resolve_inner(inner)(gm, example_inputs, **kwargs)
+        return _resolve_inner(inner, kwargs)(gm, example_inputs)
 
     cce_backend_fn.__name__ = f"cce_backend_{inner if isinstance(inner, str) else getattr(inner, '__name__', 'custom')}"
     return cce_backend_fn
 
 
 def cce_backend(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any):
-    """``backend="cce"``: the rewrite, then Inductor (entry point ``torch_dynamo_backends: cce``)."""
+    """``backend="cce"``: the rewrite, then Inductor (entry point ``torch_dynamo_backends: cce``);
+    ``mode``/``options`` given to torch.compile configure Inductor as they do for ``backend="inductor"``."""
     rewrite_graph(gm)
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs, **kwargs)
+    return _resolve_inner("inductor", kwargs)(gm, example_inputs)
 
 
 def _register_backend() -> None:

@@ -45,6 +45,47 @@ def test_backend_name_registered():
     assert lookup_backend("cce") is B.cce_backend
 
 
+@pytest.mark.parametrize("how", ["name", "make_backend"])
+@pytest.mark.parametrize("kw, expect", [
+    (dict(mode="max-autotune-no-cudagraphs"), {"max_autotune": True}),
+    (dict(options={"epilogue_fusion": False}), {"epilogue_fusion": False}),
+    (dict(), {}),
+])
+def test_mode_and_options_reach_inductor(monkeypatch, how, kw, expect):
+    """``torch.compile(..., backend="cce", mode=/options=)`` configures Inductor as ``backend="inductor"`` would."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        seen.append((dict(config_patches or {}), _op_in_graph(gm)))
+        return gm.forward  # run the rewritten graph as is: what reaches Inductor is the point here
+    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+    h, w, b, y = make_inputs(d=D, v=V)
+    backend = "cce" if how == "name" else B.make_backend("inductor")
+    got = torch.compile(loss_fn, backend=backend, fullgraph=True, **kw)(h, w, y)
+    torch.testing.assert_close(got, loss_fn(h, w, y), rtol=1e-12, atol=1e-12)
+    assert len(seen) == 1 and seen[0][1], seen
+    assert expect.items() <= seen[0][0].items(), seen
+
+
+def test_mode_reaches_other_inner_backends_as_torch_compile_passes_it():
+    got = []
+
+    def my_backend(gm, example_inputs, **kwargs):
+        got.append(kwargs)
+        return gm.forward
+    h, w, b, y = make_inputs(d=D, v=V)
+    torch.compile(loss_fn, backend=B.make_backend(my_backend), mode="reduce-overhead")(h, w, y)
+    assert got == [{"mode": "reduce-overhead"}]
+
+
+def test_unknown_inductor_option_is_reported():
+    h, w, b, y = make_inputs(d=D, v=V)
+    with pytest.raises(Exception, match="not_an_inductor_option"):
+        torch.compile(loss_fn, backend="cce", options={"not_an_inductor_option": 1})(h, w, y)
+
+
 class _CountingPass(CustomGraphPass):
     def __init__(self):
         self.calls = 0
