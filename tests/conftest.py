@@ -13,6 +13,26 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def _version(text):
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2])
+
+
+def pytest_configure(config):
+    """Fail fast with the fix, not with 60 identical interpreter tracebacks: Triton before 3.7 (the
+    version torch 2.11 pins) converts 1-element arrays with ``int()`` in its interpreter, which numpy
+    2.4 turned into an error; Triton 3.7 squeezes them first."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        raise pytest.UsageError(
+            f"the Triton interpreter of triton {triton.__version__} cannot run with numpy {numpy.__version__} "
+            "(TypeError: only 0-dimensional arrays can be converted to Python scalars); "
+            "install 'numpy<2.4' or triton>=3.7 to run the CPU tests")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from a clean Dynamo state (no cache carried between tests)."""
