@@ -395,6 +395,48 @@ def test_logits_from_outside_the_graph_are_reported_as_such():
     assert n_rewrites(results) == 0 and len(misses) == 1 and "input of this graph" in misses[0].reason
 
 
+# ---- inside subgraphs of higher-order ops ---------------------------------------------------
+
+def _checkpointed(fn):
+    from torch.utils.checkpoint import checkpoint
+
+    return lambda *args: checkpoint(fn, *args, use_reentrant=False)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_loss_inside_activation_checkpoint(inner):
+    """``checkpoint(lm_head_and_loss, ...)``: Dynamo puts the region in a subgraph; it is rewritten there
+    (the weight's ``.T`` is hoisted out of the body, so the body sees ``h @ B`` with ``B`` [D, V])."""
+    h, w, b, y = make_inputs(d=D, v=V, dtype=torch.float32)
+    check(_checkpointed(lambda h, w, y: F.cross_entropy((h @ w.T).float().view(-1, V), y.view(-1))),
+          (h, w, y), 1, params=(h, w), inner=inner, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_body_and_main_graph_both_rewritten(data):
+    h, w, b, y = data
+
+    def f(h, w, y):
+        inside = _checkpointed(lambda h, w, y: F.cross_entropy(F.linear(h, w).view(-1, V), y.view(-1)))(h, w, y)
+        outside = F.cross_entropy(F.linear(2.0 * h, w).view(-1, V), y.view(-1), reduction="sum")
+        return inside + outside
+    check(f, (h, w, y), 2, params=(h, w))
+
+
+def test_loss_inside_torch_cond_is_reported_not_rewritten(data):
+    h, w, b, y = data
+
+    def f(h, w, y):
+        def loss(h, w, y):
+            return F.cross_entropy((h @ w.T).view(-1, V), y.view(-1))
+        return torch.cond(h.sum() > 0, loss, lambda h, w, y: 2.0 * loss(h, w, y), (h, w, y))
+    h, w = h.detach(), w.detach()
+    compiled, results = compile_counting(f, inner="eager")  # aot_eager itself rejects this cond (aliasing)
+    torch.testing.assert_close(compiled(h, w, y), f(h, w, y), rtol=1e-12, atol=1e-12)
+    misses = [m for r in results for m in r.misses]
+    assert n_rewrites(results) == 0 and len(misses) == 2, misses
+    assert all("higher_order.cond" in m.reason for m in misses)
+
+
 # ---- through full Inductor ------------------------------------------------------------------
 
 def test_inductor_inner_softcap_shift():

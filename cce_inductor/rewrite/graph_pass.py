@@ -52,14 +52,59 @@ GRAPH_INPUT_REASON = ("the logits are an input of this graph: they were computed
                       "between the lm-head and the loss?) or outside torch.compile, so there is no matmul to fuse")
 
 
+# Higher-order ops whose body runs as the same code would run inline (activation checkpointing only
+# changes when it runs, and runs it again in the backward): a rewrite inside such a body is exactly as
+# equivalent as one in the main graph. Bodies of other higher-order ops (torch.cond branches, loops,
+# ...) are only searched, to report what is left alone there.
+_INLINE_BODY_HOPS = frozenset({"tag_activation_checkpoint", "wrap"})
+
+
+def _subgraph_bodies(graph: torch.fx.Graph):
+    """(higher-order op name, body GraphModule) for each subgraph a higher-order op of ``graph`` calls."""
+    owner = getattr(graph, "owning_module", None)
+    if owner is None:
+        return
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            continue
+        for arg in node.args:
+            if isinstance(arg, Node) and arg.op == "get_attr":
+                body = getattr(owner, arg.target, None)
+                if isinstance(body, GraphModule):
+                    yield node.target.name(), body
+
+
+def _report_losses_left_in(body: GraphModule, hop: str, result: PassResult) -> None:
+    for node in body.graph.nodes:
+        if is_loss_node(node) and _fed_by_matmul(node):
+            kind = "cross_entropy" if _call(node, _CE_FNS) else "nll_loss"
+            reason = f"inside the body of torch.ops.higher_order.{hop}, which the pass does not rewrite"
+            result.misses.append(MissRecord(location(node), kind, reason))
+            log.info("cce: left %s at %s alone: %s", kind, location(node), reason)
+    for inner_hop, inner in _subgraph_bodies(body.graph):
+        _report_losses_left_in(inner, inner_hop, result)
+
+
 def rewrite_graph(graph_or_module: Any) -> PassResult:
     """Rewrite every recognised linear + cross-entropy in a Dynamo FX graph, in place.
 
     Accepts a ``torch.fx.Graph`` (the custom-pass hook's argument) or a ``GraphModule`` (which is
     recompiled when anything changed). Returns what was rewritten and what was left alone, and why.
+    Losses inside activation-checkpointed regions (their bodies are subgraphs) are rewritten too.
     """
+    return _rewrite(graph_or_module, top_level=True)
+
+
+def _rewrite(graph_or_module: Any, top_level: bool) -> PassResult:
     graph = graph_or_module.graph if isinstance(graph_or_module, GraphModule) else graph_or_module
     result = PassResult()
+    for hop, body in _subgraph_bodies(graph):
+        if hop in _INLINE_BODY_HOPS:
+            inner = _rewrite(body, top_level=False)
+            result.rewrites.extend(inner.rewrites)
+            result.misses.extend(inner.misses)
+        else:
+            _report_losses_left_in(body, hop, result)
     losses = [n for n in graph.nodes if is_loss_node(n)]
     if not losses:
         return result
@@ -80,7 +125,7 @@ def rewrite_graph(graph_or_module: Any) -> PassResult:
             if _fed_by_matmul(loss):
                 result.misses.append(MissRecord(where, kind, str(e)))
                 log.info("cce: left %s at %s alone: %s", kind, where, e)
-            elif _logits_are_graph_input(loss):
+            elif top_level and _logits_are_graph_input(loss):  # a body's inputs come from its caller
                 result.misses.append(MissRecord(where, kind, GRAPH_INPUT_REASON))
                 log.info("cce: left %s at %s alone: %s", kind, where, GRAPH_INPUT_REASON)
             continue
