@@ -40,13 +40,31 @@ MODELS = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=16, n_layer=1, n_head=2, n_positions=64,
                                                    bos_token_id=0, eos_token_id=0)),
     "bert_mlm": ("BertConfig", "BertForMaskedLM", dict()),
+    # more lm-head spellings: logits * logit_scale (Cohere, tied), logits / logits_scaling (Granite),
+    # an lm_head bias (Phi), encoder-decoder with the decoder output scaled before a tied head (T5), MoE
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(num_key_value_heads=1, logit_scale=0.5)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(num_key_value_heads=1, logits_scaling=4.0)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict()),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=1, head_dim=8)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(num_key_value_heads=1, head_dim=8,
+                                                             final_logit_softcapping=5.0)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=1, num_local_experts=2,
+                                                          num_experts_per_tok=1)),
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+                                                          decoder_start_token_id=0, pad_token_id=0)),
 }
+# expected op options of the rewrite, where a model sets one
+OPTIONS = {"gemma2": {"softcap": 5.0}, "gemma3": {"softcap": 5.0}, "bert_mlm": {"bias": True},
+           "phi": {"bias": True}, "cohere": {"logit_scale": 0.5}, "granite": {"logit_scale": 0.25}}
+# MoE experts run a grouped matmul that has no float64 kernel on the CPU
+FLOAT32 = {"mixtral"}
 
 
 def _model(name):
     cfg_cls, model_cls, extra = MODELS[name]
     torch.manual_seed(0)
-    model = getattr(T, model_cls)(getattr(T, cfg_cls)(**COMMON, **extra)).double().eval()
+    model = getattr(T, model_cls)(getattr(T, cfg_cls)(**COMMON, **extra)).eval()
+    model = model.float() if name in FLOAT32 else model.double()
     if name == "gpt2":
         model.loss_type = "ForCausalLM"  # the documented workaround for GPT-2's graph break
     return model
@@ -88,10 +106,8 @@ def test_hf_loss_lambda(name):
     want_g = _grads(model, want)
     assert len(results[-1].rewrites) == 1, (results[-1].rewrites, results[-1].misses)
     r = results[-1].rewrites[0]
-    if name == "gemma2":
-        assert r.options.get("softcap") == 5.0
-    if name == "bert_mlm":
-        assert r.options.get("bias")
+    for key, value in OPTIONS.get(name, {}).items():
+        assert r.options.get(key) == pytest.approx(value), (key, r.options)
     assert not r.logits_kept
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     _assert_grads_close(got_g, want_g)
