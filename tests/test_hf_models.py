@@ -169,3 +169,25 @@ def test_hf_install_plain_torch_compile_inductor():
     for g, w in zip(got_g, want_g):
         if w is not None:
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_hf_gradient_checkpointing():
+    """``model.gradient_checkpointing_enable()``: the decoder layers become checkpointed subgraphs in the
+    compiled graph; the lm-head + loss in the main graph is still rewritten, and gradients stay exact."""
+    model = _model("llama")
+    model.config.use_cache = False  # HF warns (a graph break) about caching under checkpointing otherwise
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids, labels = _batch()
+    results = []
+
+    def f(ids, labels):
+        return model(input_ids=ids, labels=labels).loss
+    compiled = torch.compile(f, backend=make_backend("aot_eager", on_result=results.append), fullgraph=True)
+    got = compiled(ids, labels)
+    got_g = _grads(model, got)
+    want = f(ids, labels)
+    want_g = _grads(model, want)
+    assert len(results[-1].rewrites) == 1, results[-1].misses
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_grads_close(got_g, want_g)
