@@ -1,8 +1,8 @@
 """Hypothesis fuzzing of the rewrite: random odd shapes × forms built from the orthogonal parts × options.
 
 Each example builds an eager loss function from independent choices (matmul spelling, epilogue,
-row layout, loss spelling, options), compiles it with the cce backend, asserts exactly one rewrite,
-and compares the loss and every gradient with eager (float64).
+row layout, loss spelling, options, main graph or checkpointed region), compiles it with the cce
+backend, asserts exactly one rewrite, and compares the loss and every gradient with eager (float64).
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ def forms(draw):
         z_loss=draw(st.booleans()),
         return_logits=draw(st.sampled_from([False, False, True])),
         autocast=draw(st.sampled_from([False, False, False, True])),
+        region=draw(st.sampled_from(["main", "main", "checkpoint"])),
         seed=draw(st.integers(0, 2 ** 16)),
     )
     if f["matmul"] in ("addmm2d", "mm2d"):
@@ -122,6 +123,10 @@ def build(f):
             return loss, z
         return loss
 
+    if f["region"] == "checkpoint":  # the whole loss in an activation-checkpointed region (a subgraph)
+        from torch.utils.checkpoint import checkpoint
+
+        return (lambda *args: checkpoint(fn, *args, use_reentrant=False)), (h, w, b, y)
     return fn, (h, w, b, y)
 
 
