@@ -91,9 +91,9 @@ def _assert_grads_close(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"param {i}: {m}")
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_hf_loss_lambda(name):
-    model = _model(name)
+def _check_loss_lambda(model):
+    """Compile ``model(input_ids, labels).loss`` (aot_eager behind the rewrite), assert one rewrite and
+    exact loss and gradients; returns the rewrite."""
     ids, labels = _batch()
     results = []
 
@@ -105,12 +105,17 @@ def test_hf_loss_lambda(name):
     want = f(ids, labels)
     want_g = _grads(model, want)
     assert len(results[-1].rewrites) == 1, (results[-1].rewrites, results[-1].misses)
-    r = results[-1].rewrites[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_grads_close(got_g, want_g)
+    return results[-1].rewrites[0]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_hf_loss_lambda(name):
+    r = _check_loss_lambda(_model(name))
     for key, value in OPTIONS.get(name, {}).items():
         assert r.options.get(key) == pytest.approx(value), (key, r.options)
     assert not r.logits_kept
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    _assert_grads_close(got_g, want_g)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -178,16 +183,4 @@ def test_hf_gradient_checkpointing():
     model.config.use_cache = False  # HF warns (a graph break) about caching under checkpointing otherwise
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    ids, labels = _batch()
-    results = []
-
-    def f(ids, labels):
-        return model(input_ids=ids, labels=labels).loss
-    compiled = torch.compile(f, backend=make_backend("aot_eager", on_result=results.append), fullgraph=True)
-    got = compiled(ids, labels)
-    got_g = _grads(model, got)
-    want = f(ids, labels)
-    want_g = _grads(model, want)
-    assert len(results[-1].rewrites) == 1, results[-1].misses
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    _assert_grads_close(got_g, want_g)
+    _check_loss_lambda(model)
