@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 
 from test_rewrite_util import check
 
-# CI: a fixed, derandomized budget. Locally: CCE_FUZZ_EXAMPLES=500 CCE_FUZZ_RANDOM=1 for a longer random run.
+# CI: a fixed, derandomized budget. Locally: CCE_FUZZ_EXAMPLES=500 CCE_FUZZ_INDUCTOR_EXAMPLES=50
+# CCE_FUZZ_RANDOM=1 for a longer random run.
 N_EXAMPLES = int(os.environ.get("CCE_FUZZ_EXAMPLES", "40"))
+N_INDUCTOR_EXAMPLES = int(os.environ.get("CCE_FUZZ_INDUCTOR_EXAMPLES", "3"))  # ~5 s each on a CPU
 DERANDOMIZE = os.environ.get("CCE_FUZZ_RANDOM") != "1"
 
 MATMULS = ["linear", "linear_bias", "at_T", "matmul_t", "einsum", "plus_bias", "addmm2d", "mm2d"]
@@ -139,7 +141,8 @@ def test_fuzz_aot_eager(f):
     check(fn, args, 1, inner="aot_eager", rtol=tol, atol=tol)
 
 
-@settings(max_examples=3, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=N_INDUCTOR_EXAMPLES, deadline=None, derandomize=DERANDOMIZE,
+          suppress_health_check=list(HealthCheck))
 @given(forms())
 def test_fuzz_inductor(f):
     torch._dynamo.reset()
