@@ -74,13 +74,20 @@ def _subgraph_bodies(graph: torch.fx.Graph):
                     yield node.target.name(), body
 
 
+def _loss_kind(loss: Node) -> str:
+    return "cross_entropy" if _call(loss, _CE_FNS) else "nll_loss"
+
+
+def _record_miss(result: PassResult, where: str, kind: str, reason: str) -> None:
+    result.misses.append(MissRecord(where, kind, reason))
+    log.info("cce: left %s at %s alone: %s", kind, where, reason)
+
+
 def _report_losses_left_in(body: GraphModule, hop: str, result: PassResult) -> None:
     for node in body.graph.nodes:
         if is_loss_node(node) and _fed_by_matmul(node):
-            kind = "cross_entropy" if _call(node, _CE_FNS) else "nll_loss"
-            reason = f"inside the body of torch.ops.higher_order.{hop}, which the pass does not rewrite"
-            result.misses.append(MissRecord(location(node), kind, reason))
-            log.info("cce: left %s at %s alone: %s", kind, location(node), reason)
+            _record_miss(result, location(node), _loss_kind(node),
+                         f"inside the body of torch.ops.higher_order.{hop}, which the pass does not rewrite")
     for inner_hop, inner in _subgraph_bodies(body.graph):
         _report_losses_left_in(inner, inner_hop, result)
 
@@ -109,8 +116,9 @@ def _rewrite(graph_or_module: Any, top_level: bool) -> PassResult:
     if not losses:
         return result
     regions = _Regions(_autocast_regions(graph), _grad_modes(graph))
+    rewritten_here = 0
     for loss in losses:
-        kind = "cross_entropy" if _call(loss, _CE_FNS) else "nll_loss"
+        kind = _loss_kind(loss)
         where = location(loss)
         try:
             try:
@@ -123,16 +131,15 @@ def _rewrite(graph_or_module: Any, top_level: bool) -> PassResult:
             r = apply_match(graph, m, regions)
         except Miss as e:
             if _fed_by_matmul(loss):
-                result.misses.append(MissRecord(where, kind, str(e)))
-                log.info("cce: left %s at %s alone: %s", kind, where, e)
+                _record_miss(result, where, kind, str(e))
             elif top_level and _logits_are_graph_input(loss):  # a body's inputs come from its caller
-                result.misses.append(MissRecord(where, kind, GRAPH_INPUT_REASON))
-                log.info("cce: left %s at %s alone: %s", kind, where, GRAPH_INPUT_REASON)
+                _record_miss(result, where, kind, GRAPH_INPUT_REASON)
             continue
         result.rewrites.append(r)
+        rewritten_here += 1
         log.info("cce: rewrote %s at %s (N=%s D=%s V=%s %s)%s", kind, where, r.N, r.D, r.V, r.options,
                  "; " + "; ".join(r.notes) if r.notes else "")
-    if result.rewrites:
+    if rewritten_here:  # a rewritten body recompiled itself; this graph only changed if it had rewrites
         graph.lint()
         owner = getattr(graph, "owning_module", None)
         if isinstance(graph_or_module, GraphModule):
