@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import op as _op  # noqa: F401  (registers torch.ops.cce.*)
+from .chunked_torch import stat_dtype
 from .options import LossOptions
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -31,10 +32,12 @@ def _check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optiona
         raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}]; got {tuple(bias.shape)}")
     if hidden.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden must be a floating-point tensor (fp16, bf16, fp32, fp64); got {hidden.dtype}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != hidden.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} does not match hidden dtype {hidden.dtype}; "
-                            "cast them to one dtype (or run under torch.autocast)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}; "
+                        "cast them to one dtype (or run under torch.autocast)")
+    if bias is not None and bias.dtype not in (hidden.dtype, stat_dtype(hidden)):
+        raise TypeError(f"bias dtype {bias.dtype} must be hidden's dtype ({hidden.dtype}) or the op's arithmetic "
+                        f"dtype ({stat_dtype(hidden)}: a bias eager would add in that precision)")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must hold integer class indices; got {targets.dtype} "
                         "(probability/soft targets are not supported: use F.cross_entropy for those)")
@@ -61,7 +64,7 @@ def _check_target_range(targets: Tensor, vocab: int, ignore_index: int):
     Under torch.compile or CUDA-graph capture it is skipped and such rows give a NaN loss instead, so
     a bad label is never a silent wrong number. ``CCE_INDUCTOR_CHECK_TARGETS=0`` turns it off.
     """
-    if _is_tracing(targets) or os.environ.get("CCE_INDUCTOR_CHECK_TARGETS", "1") == "0":
+    if targets.device.type == "meta" or _is_tracing(targets) or os.environ.get("CCE_INDUCTOR_CHECK_TARGETS", "1") == "0":
         return
     if targets.is_cuda and torch.cuda.is_current_stream_capturing():
         return
@@ -72,10 +75,20 @@ def _check_target_range(targets: Tensor, vocab: int, ignore_index: int):
                          f"vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})")
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    if device_type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # autocast never casts float64
+
+
+def _autocast_like_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """Cast as ``F.linear`` is cast under ``torch.autocast``: floating inputs other than float64 go to the
+    autocast dtype; anything else is left as it is."""
+    device_type = hidden.device.type
+    if device_type not in ("cuda", "cpu", "xpu") or not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    amp = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t.to(amp) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
@@ -93,15 +106,43 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
 
     hidden is ``[..., D]``, weight ``[V, D]``, bias ``[V]``, targets ``hidden.shape[:-1]`` (integer class
     indices). ``reduction="none"`` returns ``hidden.shape[:-1]``. The result is float32 (as with the
-    ``.float()`` above). ``return_lse=True`` also returns the per-token log-sum-exp of the logits
-    (float32, ``hidden.shape[:-1]``, differentiable: a z-loss can use it).
+    ``.float()`` above; float64 for float64 inputs). ``return_lse=True`` also returns the per-token
+    log-sum-exp of the logits (float32, ``hidden.shape[:-1]``, differentiable: a z-loss can use it).
 
-    Under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype, as ``F.linear`` would.
+    hidden and weight share one dtype. The bias has that dtype too, or float32 with 16-bit hidden/weight:
+    it is then added in float32, as ``h @ W.T + b`` with a float32 ``b`` computes under autocast.
+    ``logit_scale`` is a finite non-zero number, ``softcap`` None or a finite positive one.
+
+    Under ``torch.autocast`` hidden, weight and bias are cast as ``F.linear`` casts them (float64 is not
+    cast). Reverse-mode autograd, ``torch.func.grad``/``vjp``/``jacrev``/``vmap`` and forward-mode AD
+    (``torch.func.jvp``, ``torch.autograd.forward_ad``) are supported.
     """
-    amp_dtype = _autocast_dtype(hidden.device.type)
-    if amp_dtype is not None:
-        hidden, weight = hidden.to(amp_dtype), weight.to(amp_dtype)
-        bias = None if bias is None else bias.to(amp_dtype)
+    hidden, weight, bias = _autocast_like_linear(hidden, weight, bias)
+    return _linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
+                                 label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale,
+                                 return_lse=return_lse)
+
+
+def _needs_transformable_op(*tensors: Optional[Tensor]) -> bool:
+    """True inside a torch.func transform or with forward-mode AD dual tensors: the custom op's autograd
+    formula covers neither, so an autograd.Function with a setup_context and a jvp runs instead.
+    Never while torch.compile traces (the rewrite leaves losses inside transforms alone)."""
+    if torch.compiler.is_compiling() or any(t is not None and _is_tracing(t) for t in tensors):
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    from torch.autograd import forward_ad
+
+    if getattr(forward_ad, "_current_level", -1) >= 0:
+        return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return False
+
+
+def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
+                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                          softcap: Optional[float] = None, logit_scale: float = 1.0, return_lse: bool = False):
+    """:func:`linear_cross_entropy` without the autocast casts: what the graph rewrite inserts (its plan
+    already chose the dtypes each input is handed over in)."""
     _check_inputs(hidden, weight, targets, bias, reduction)
     LossOptions(ignore_index, label_smoothing, softcap, logit_scale)  # validates the options
     if targets.dtype not in (torch.int32, torch.int64):  # the kernels index with int32/int64 labels
@@ -110,9 +151,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
 
     lead_shape = hidden.shape[:-1]
     flat_targets = targets.reshape(-1)
-    loss, lse = torch.ops.cce.linear_cross_entropy_forward(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, ignore_index, float(label_smoothing),
-        None if softcap is None else float(softcap), float(logit_scale))
+    args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, ignore_index, float(label_smoothing),
+            None if softcap is None else float(softcap), float(logit_scale))
+    if _needs_transformable_op(hidden, weight, bias):
+        loss, lse = _op.TransformableLinearCrossEntropy.apply(*args)
+    else:
+        loss, lse = torch.ops.cce.linear_cross_entropy_forward(*args)
     if reduction == "none":
         loss = loss.reshape(lead_shape)
     elif reduction == "sum":

@@ -6,6 +6,10 @@ follows the same contract as the Triton kernels in ``cce_inductor.kernels``:
     forward(hidden [N, D], weight [V, D], bias [V] | None, targets [N], opts) -> (loss [N], lse [N]; float32, float64 for float64 inputs)
     backward(grad_loss [N], grad_lse [N] | None, hidden, weight, bias, targets, lse, opts)
         -> (d_hidden [N, D], d_weight [V, D] | None (need_d_weight=False), d_bias [V] | None)
+    jvp(hidden, weight, bias, targets, lse, t_hidden, t_weight, t_bias, opts) -> (t_loss [N], t_lse [N])
+        forward-mode AD (tangents may be None); any device, every input dtype.
+
+bias may be float32 with 16-bit hidden/weight (it is added in float32).
 
 Logits exist only one token chunk at a time. Arithmetic is float32 (float64 for float64 inputs) from
 the matmul on, so the result is at least as exact as eager PyTorch's.
@@ -118,3 +122,45 @@ def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weig
             d_bias += dz.sum(dim=0)
     return (d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
             None if d_bias is None else d_bias.to(bias.dtype))
+
+
+def jvp(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
+        t_hidden: Optional[Tensor], t_weight: Optional[Tensor], t_bias: Optional[Tensor], opts: LossOptions):
+    """Tangents of (loss, lse) for tangents of (hidden, weight, bias): with u = h @ W.T + b,
+    z = softcap(a u) and p = softmax(z): dz = a (1 - tanh^2) du, dlse = sum_j p dz,
+    dloss = (1 - eps) (dlse - dz[t]) + eps (dlse - mean_j dz); 0 on ignored rows, NaN on bad targets."""
+    n, v = hidden.shape[0], weight.shape[0]
+    cd = stat_dtype(hidden)
+    w = weight.to(cd)
+    b = None if bias is None else bias.to(cd)
+    tw = None if t_weight is None else t_weight.to(cd)
+    tb = None if t_bias is None else t_bias.to(cd)
+    t_loss = torch.zeros(n, dtype=cd, device=hidden.device)
+    t_lse = torch.zeros(n, dtype=cd, device=hidden.device)
+    eps = opts.label_smoothing
+    step = _rows_per_chunk(n, v)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        h = hidden[s:e].to(cd)
+        du = torch.zeros(e - s, v, dtype=cd, device=hidden.device)
+        if t_hidden is not None:
+            du += t_hidden[s:e].to(cd) @ w.T
+        if tw is not None:
+            du += h @ tw.T
+        if tb is not None:
+            du += tb
+        z, th = _logits(h, w, b, opts)
+        dz = du.mul_(opts.logit_scale)
+        if th is not None:
+            dz.mul_(1 - th * th)
+        p = z.sub_(lse[s:e, None].to(cd)).exp_()
+        d_lse = (p * dz).sum(dim=-1)
+        valid, bad, idx = _target_status(targets[s:e], v, opts.ignore_index)
+        d_loss = (1 - eps) * (d_lse - dz.gather(1, idx[:, None]).squeeze(1))
+        if eps:
+            d_loss = d_loss + eps * (d_lse - dz.mean(dim=-1))
+        d_loss = torch.where(valid, d_loss, torch.zeros_like(d_loss))
+        d_loss = torch.where(bad, torch.full_like(d_loss, float("nan")), d_loss)
+        t_loss[s:e] = d_loss
+        t_lse[s:e] = d_lse
+    return t_loss, t_lse

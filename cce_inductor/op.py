@@ -125,3 +125,49 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 linear_cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class TransformableLinearCrossEntropy(torch.autograd.Function):
+    """The forward op as an ``autograd.Function`` for torch.func transforms and forward-mode AD.
+
+    ``linear_cross_entropy`` routes here only inside a torch.func transform (grad, vjp, jacrev, vmap, jvp)
+    or when an input is a forward-AD dual tensor; everywhere else (eager autograd, torch.compile) the custom
+    op above runs. Same kernels: forward = the forward op, backward = the backward op; ``jvp`` is the
+    forward-mode formula (``chunked_torch.jvp``, logits a token chunk at a time); ``vmap`` comes from
+    running these per batch element (``generate_vmap_rule``).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale):
+        return torch.ops.cce.linear_cross_entropy_forward(hidden, weight, bias, targets, ignore_index,
+                                                          label_smoothing, softcap, logit_scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale = inputs
+        _, lse = output
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.save_for_forward(hidden, weight, bias, targets, lse)
+        ctx.loss_args = (ignore_index, label_smoothing, softcap, logit_scale)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable()
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        if grad_loss is None and grad_lse is None:
+            return None, None, None, None, None, None, None, None
+        need_d_weight = ctx.needs_input_grad[1]
+        d_hidden, d_weight, d_bias = torch.ops.cce.linear_cross_entropy_backward(
+            grad_loss, grad_lse, hidden, weight, bias, targets, lse, *ctx.loss_args, need_d_weight=need_d_weight)
+        return (d_hidden, d_weight if need_d_weight else None, d_bias if bias is not None else None,
+                None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, t_hidden, t_weight, t_bias, *_):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        with _autocast_off(hidden):
+            return chunked_torch.jvp(hidden, weight, bias, targets, lse, t_hidden, t_weight, t_bias,
+                                     _options(*ctx.loss_args))

@@ -1,6 +1,7 @@
 """The loss options shared by every implementation of the op (one small object, not a flag soup)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,9 +23,12 @@ class LossOptions:
     logit_scale: float = 1.0
 
     def __post_init__(self):
-        if not 0.0 <= self.label_smoothing <= 1.0:
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if not 0.0 <= self.label_smoothing <= 1.0:  # also refuses nan
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
-        if self.softcap is not None and not self.softcap > 0:
-            raise ValueError(f"softcap must be a positive number or None, got {self.softcap}")
-        if not (self.logit_scale == self.logit_scale) or self.logit_scale == 0:  # nan or zero
+        # abs(x) < inf rather than math.isfinite: Dynamo folds the comparison, not the math call
+        if self.softcap is not None and not (0 < self.softcap < math.inf):
+            raise ValueError(f"softcap must be a finite positive number or None, got {self.softcap}")
+        if not abs(self.logit_scale) < math.inf or self.logit_scale == 0:
             raise ValueError(f"logit_scale must be a finite non-zero number, got {self.logit_scale}")

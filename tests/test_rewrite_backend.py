@@ -11,7 +11,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import cce_inductor.backend as B
-from cce_inductor.api import linear_cross_entropy
+from cce_inductor.rewrite.emit import op_target
 from cce_inductor.explain import explain
 from test_rewrite_util import _reset_dynamo, check, make_inputs  # noqa: F401
 
@@ -23,7 +23,7 @@ def loss_fn(h, w, y):
 
 
 def _op_in_graph(gm):
-    return any(n.target is linear_cross_entropy for n in gm.graph.nodes)
+    return any(n.target is op_target() for n in gm.graph.nodes)
 
 
 @pytest.mark.parametrize("inner", ["aot_eager", "eager", "callable"])

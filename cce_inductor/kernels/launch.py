@@ -19,8 +19,8 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
         raise TypeError(f"hidden and weight must share one dtype in {FLOAT_DTYPES}, got {hidden.dtype} "
                         f"and {weight.dtype}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
-        raise ValueError(f"bias must be [V] in {hidden.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype not in (hidden.dtype, torch.float32)):
+        raise ValueError(f"bias must be [V] in {hidden.dtype} or float32, got {tuple(bias.shape)} {bias.dtype}")
     if targets.shape != (hidden.shape[0],) or targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be [N] int64/int32, got {tuple(targets.shape)} {targets.dtype}")
     if weight.shape[0] == 0:

@@ -19,13 +19,17 @@ kind            eager code it stands for
 ==============  ============================================================================
 
 until it reaches a matmul spelling (``F.linear``, ``@``, ``torch.matmul``, ``mm``, ``einsum``,
-``addmm``). A separate check then validates the order of the steps against what the op computes
-(``softcap(logit_scale * (h @ W.T + b))``). The layout steps are replayed on ``hidden`` (with ``D`` in
-place of ``V``; the linear is row-wise so rows map to rows), and the loss node is replaced by::
+``addmm``). The *plan* then decides everything the replacement needs and refuses (a miss, with the
+reason) whatever it cannot prove equivalent: steps out of the op's order
+(``softcap(logit_scale * (h @ W.T + b))``), options the op refuses, dtypes eager would round or reject,
+writes to the logits, hidden states, weight or bias between the matmul and the loss, other grad modes
+or torch.func transforms. Emitting the plan replays the layout steps on ``hidden`` (with ``D`` in place
+of ``V``; the linear is row-wise so rows map to rows) and replaces the loss node by::
 
-    linear_cross_entropy(hidden', weight, target, bias=b, ignore_index=..., reduction=...,
-                         label_smoothing=..., softcap=s, logit_scale=a)
+    _linear_cross_entropy(hidden', weight, target, bias=b, ignore_index=..., reduction=...,
+                          label_smoothing=..., softcap=s, logit_scale=a)
 
+(the public ``linear_cross_entropy`` without its autocast casts: the plan chose the dtypes).
 A ``torch.logsumexp(z, -1)`` of the same logits (a z-loss) is served by the op's lse output. Nodes
 that become dead are erased; logits that have other users (returned from the graph, printed, ...)
 stay, the loss is rewritten anyway and the report says the logits were kept.
@@ -34,12 +38,15 @@ The package, one job per module:
 
 ==================  ========================================================================
 ``fx_util``         small helpers over FX nodes (fake values, shapes, argument binding, source lines)
+``steps``           the typed step kinds and the order table the op's formula allows
 ``spellings``       the matched eager spellings: the logits matmul and one recognizer per step kind
-``match``           the walk from a loss node up to the matmul, and the check of the steps' order
-``records``         what the pass reports: ``Rewrite``, ``MissRecord``, ``PassResult``
-``regions``         the autocast regions and grad modes the nodes of a graph run under
+``match``           the walk from a loss node up to the matmul
+``regions``         the grad modes, autocast regions and torch.func transforms nodes run under
+``mutation``        which tensors a node writes (from op schemas) and which nodes share memory
 ``zloss``           ``torch.logsumexp`` (z-loss) terms served by the op's lse output
-``emit``            emitting the replacement, erasing dead nodes, the stable topological sort
+``plan``            every decision and every check that can refuse, before the graph is touched
+``emit``            carrying out a plan as one transaction (undone on failure)
+``records``         what the pass reports: ``Rewrite``, ``MissRecord``, ``PassResult``
 ``graph_pass``      the driver: :func:`rewrite_graph`
 ==================  ========================================================================
 """
@@ -47,8 +54,9 @@ from __future__ import annotations
 
 from .graph_pass import rewrite_graph
 from .match import Match, Miss, match_loss
+from .plan import Plan, plan_rewrite
 from .records import MissRecord, PassResult, Rewrite
 from .spellings import is_loss_node, match_matmul
 
-__all__ = ["rewrite_graph", "PassResult", "Rewrite", "MissRecord", "Match", "Miss", "match_loss", "match_matmul",
-           "is_loss_node"]
+__all__ = ["rewrite_graph", "PassResult", "Rewrite", "MissRecord", "Match", "Miss", "match_loss", "Plan",
+           "plan_rewrite", "match_matmul", "is_loss_node"]

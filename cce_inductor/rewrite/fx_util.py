@@ -60,14 +60,37 @@ def _call(node: Any, functions: tuple = (), methods: tuple = ()) -> bool:
     return False
 
 
-def _bind(node: Node, signature: inspect.Signature) -> Optional[dict]:
-    """The node's arguments by parameter name (``self`` first for method calls), or None."""
+def _bind(node: Node, signature: Optional[inspect.Signature] = None) -> Optional[dict]:
+    """The node's arguments by parameter name, defaults filled in, or None when they do not bind.
+
+    Normalised by ``torch.fx.operator_schemas.normalize_function`` (a method call ``x.m(...)`` as the
+    function ``torch.m(x, ...)``), the overload chosen from the example values' types; ``signature`` is the
+    fallback for callables torch has no signature for.
+    """
+    from torch.fx.operator_schemas import normalize_function
+
+    target, args = node.target, tuple(node.args)
+    if node.op == "call_method":
+        target = getattr(torch, node.target, None)
+    if target is not None and node.op in ("call_function", "call_method"):
+        types = tuple(torch.Tensor if isinstance(_val(a), torch.Tensor) else type(_val(a)) for a in args)
+        kw_types = {k: torch.Tensor if isinstance(_val(v), torch.Tensor) else type(_val(v))
+                    for k, v in node.kwargs.items()}
+        try:
+            bound = normalize_function(target, args, dict(node.kwargs), arg_types=types, kwarg_types=kw_types,
+                                       normalize_to_only_use_kwargs=True)
+        except Exception:
+            bound = None
+        if bound is not None:
+            return dict(bound.kwargs)
+    if signature is None:
+        return None
     try:
-        bound = signature.bind(*node.args, **node.kwargs)
+        b = signature.bind(*node.args, **node.kwargs)
     except TypeError:
         return None
-    bound.apply_defaults()
-    return dict(bound.arguments)
+    b.apply_defaults()
+    return dict(b.arguments)
 
 
 def _sig(text: str) -> inspect.Signature:

@@ -7,11 +7,12 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..logging_ import log
-from .emit import apply_match
+from .emit import emit_plan
 from .fx_util import _call, _val, location
 from .match import Miss, match_loss
+from .plan import plan_rewrite
 from .records import MissRecord, PassResult
-from .regions import _autocast_regions, _grad_modes, _Regions
+from .regions import Regions
 from .spellings import _CE_FNS, is_loss_node, match_matmul
 
 
@@ -78,8 +79,16 @@ def _loss_kind(loss: Node) -> str:
     return "cross_entropy" if _call(loss, _CE_FNS) else "nll_loss"
 
 
+def _counters():
+    """``torch._dynamo.utils.counters["cce"]``: "rewrites" and "misses" (tests and benchmarks read these)."""
+    from torch._dynamo.utils import counters
+
+    return counters["cce"]
+
+
 def _record_miss(result: PassResult, where: str, kind: str, reason: str) -> None:
     result.misses.append(MissRecord(where, kind, reason))
+    _counters()["misses"] += 1
     log.info("cce: left %s at %s alone: %s", kind, where, reason)
 
 
@@ -115,20 +124,20 @@ def _rewrite(graph_or_module: Any, top_level: bool) -> PassResult:
     losses = [n for n in graph.nodes if is_loss_node(n)]
     if not losses:
         return result
-    regions = _Regions(_autocast_regions(graph), _grad_modes(graph))
+    regions = Regions.of(graph)
     rewritten_here = 0
     for loss in losses:
         kind = _loss_kind(loss)
         where = location(loss)
         try:
             try:
-                m = match_loss(loss)
+                plan = plan_rewrite(match_loss(loss), regions)
             except Miss:
                 raise
             except Exception as e:  # an unforeseen graph shape: report it, never fail the compile
                 log.debug("cce: matcher error at %s", where, exc_info=True)
                 raise Miss(f"internal error while matching: {type(e).__name__}: {e}") from e
-            r = apply_match(graph, m, regions)
+            r = emit_plan(graph, plan)
         except Miss as e:
             if _fed_by_matmul(loss):
                 _record_miss(result, where, kind, str(e))
@@ -136,6 +145,7 @@ def _rewrite(graph_or_module: Any, top_level: bool) -> PassResult:
                 _record_miss(result, where, kind, GRAPH_INPUT_REASON)
             continue
         result.rewrites.append(r)
+        _counters()["rewrites"] += 1
         rewritten_here += 1
         log.info("cce: rewrote %s at %s (N=%s D=%s V=%s %s)%s", kind, where, r.N, r.D, r.V, r.options,
                  "; " + "; ".join(r.notes) if r.notes else "")

@@ -1,7 +1,7 @@
-"""The walk: loss node → steps → matmul, and the check that the steps' order is what the op computes."""
+"""The walk: loss node → typed steps → matmul. Shapes and spellings only; the plan checks the rest."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -23,19 +23,11 @@ from .spellings import (
     _as_softcap,
     match_matmul,
 )
+from .steps import Step, StepKind, check_order
 
 
 class Miss(Exception):
     """Why a cross-entropy was left alone."""
-
-
-@dataclass
-class Step:
-    kind: str  # layout | cast | scale | softcap | bias | class_dim | normalize
-    node: Node
-    src: Node  # the step's tensor input (one node up)
-    value: Any = None
-    extra: list = field(default_factory=list)
 
 
 @dataclass
@@ -50,6 +42,11 @@ class Match:
     steps: list  # from the loss upwards
     V: Any  # int, or a SymInt under dynamic shapes
     D: Any
+
+    @property
+    def order(self) -> list:
+        """The steps in eager order, matmul → loss."""
+        return list(reversed(self.steps))
 
 
 def _loss_args(node: Node) -> dict:
@@ -77,6 +74,30 @@ def _loss_args(node: Node) -> dict:
     return a
 
 
+def _next_step(cur: Node, class_last: bool) -> Optional[Step]:
+    """The step ``cur`` is (with its input one node up), or None when it is none of ours."""
+    vv = _last_dim(cur)
+    if class_last and vv is not None and (r := _as_layout(cur, vv)) is not None:
+        return Step(StepKind.LAYOUT, cur, r)
+    if (r := _as_cast(cur)) is not None:
+        return Step(StepKind.CAST, cur, r)
+    if (sc := _as_softcap(cur)) is not None:
+        return Step(StepKind.SOFTCAP, cur, sc[0], sc[1], sc[2])
+    if (s := _as_scale(cur)) is not None:
+        return Step(StepKind.SCALE, cur, s[0], s[1])
+    if class_last and (b := _as_bias_add(cur)) is not None:
+        return Step(StepKind.BIAS, cur, b[0], b[1])
+    if not class_last and (r := _as_class_transpose(cur)) is not None:
+        return Step(StepKind.CLASS_DIM, cur, r)
+    if (ls := _as_log_softmax(cur)) is not None:
+        z, dim, dt = ls
+        nd = len(_shape(cur) or ())
+        if _norm_dim(dim, nd) != (nd - 1 if class_last else 1):
+            raise Miss("log_softmax is not over the class dim")
+        return Step(StepKind.NORMALIZE, cur, z, dt)
+    return None
+
+
 def match_loss(loss: Node) -> Match:
     """Walk from a loss node up to the matmul; raise Miss with the reason when it is not our form."""
     is_ce = _call(loss, _CE_FNS)
@@ -90,64 +111,31 @@ def match_loss(loss: Node) -> Match:
     if nd < 2:
         raise Miss("unbatched (1-D) logits")
     class_last = nd == 2  # for (N, C, d…) inputs the class dim is 1 until a class transpose is seen
-    steps: list[Step] = []
+    steps: list = []
     cur = x
-    mm: Optional[Matmul] = None
-    v: Optional[int] = None
     for _ in range(64):
         mm = match_matmul(cur)
         if mm is not None and class_last:
-            if mm.weight is not None and len(_shape(mm.weight)) != 2:
-                raise Miss("weight is not 2-D")
-            v = _last_dim(cur)
             break
-        mm = None
-        cur_nd = len(_shape(cur) or ())
-        vv = _last_dim(cur)
-        if class_last and vv is not None and (r := _as_layout(cur, vv)) is not None:
-            steps.append(Step("layout", cur, r))
-            cur = r
-            continue
-        if (r := _as_cast(cur)) is not None:
-            steps.append(Step("cast", cur, r))
-            cur = r
-            continue
-        if (sc := _as_softcap(cur)) is not None:
-            steps.append(Step("softcap", cur, sc[0], sc[1], sc[2]))
-            cur = sc[0]
-            continue
-        if (s := _as_scale(cur)) is not None:
-            steps.append(Step("scale", cur, s[0], s[1]))
-            cur = s[0]
-            continue
-        if class_last and (b := _as_bias_add(cur)) is not None:
-            steps.append(Step("bias", cur, b[0], b[1]))
-            cur = b[0]
-            continue
-        if not class_last and (r := _as_class_transpose(cur)) is not None:
-            steps.append(Step("class_dim", cur, r))
-            cur = r
-            class_last = True
-            continue
-        if (ls := _as_log_softmax(cur)) is not None:
-            z, dim, dt = ls
-            want = cur_nd - 1 if class_last else 1
-            if _norm_dim(dim, cur_nd) != want:
-                raise Miss("log_softmax is not over the class dim")
-            steps.append(Step("normalize", cur, z, dt))
-            cur = z
-            continue
-        if not class_last and match_matmul(cur) is not None:
+        if not class_last and mm is not None:
             raise Miss("class dim of the loss is not the vocabulary dim (no transpose to (N, C, d...))")
-        raise Miss(f"unsupported op between the matmul and the loss: {_describe(cur)}")
+        st = _next_step(cur, class_last)
+        if st is None:
+            raise Miss(f"unsupported op between the matmul and the loss: {_describe(cur)}")
+        steps.append(st)
+        if st.kind is StepKind.CLASS_DIM:
+            class_last = True
+        cur = st.src
     else:
         raise Miss("chain too long")
+    if mm.weight is not None and len(_shape(mm.weight) or ()) != 2:
+        raise Miss("weight is not 2-D")
+    v = _last_dim(cur)
     if v is None:
         raise Miss("logits have no known shape")
     hs = _shape(mm.hidden)
     if hs is None or len(hs) < 1:
         raise Miss("hidden is not a tensor")
-    d = hs[-1]
     if not (_dtype(mm.hidden) or torch.int64).is_floating_point:
         raise Miss("hidden is not floating point")
     for name, node in (("hidden", mm.hidden), ("weight", mm.weight if mm.weight is not None else mm.weight_t),
@@ -155,39 +143,10 @@ def match_loss(loss: Node) -> Match:
         if isinstance(node, Node) and is_traceable_wrapper_subclass(_val(node)):
             raise Miss(f"{name} is a tensor subclass ({type(_val(node)).__name__}, e.g. a sharded DTensor): "
                        "the op takes plain tensors")
-    _check_order(steps, is_ce, mm)
-    return Match(loss, "cross_entropy" if is_ce else "nll_loss", a["target"], a["ignore_index"], a["reduction"],
-                 float(a["label_smoothing"]), mm, steps, v, d)
-
-
-def _check_order(steps: list, is_ce: bool, mm: Matmul) -> None:
-    """Eager order (matmul → loss) must read ``[bias] scale* [softcap] [log_softmax]``, casts and row
-    layout anywhere before the class-dim transpose."""
-    order = list(reversed(steps))  # matmul → loss
-    seen_scale = seen_softcap = seen_norm = False
-    n_bias = 1 if mm.bias is not None else 0
-    for st in order:
-        if st.kind == "bias":
-            if seen_scale or seen_softcap or seen_norm:
-                raise Miss("bias added after scaling/softcap")
-            n_bias += 1
-            if n_bias > 1:
-                raise Miss("two biases")
-        elif st.kind == "scale":
-            if seen_softcap:
-                raise Miss("scaling after the softcap")
-            if seen_norm:
-                raise Miss("scaling after log_softmax")
-            seen_scale = True
-        elif st.kind == "softcap":
-            if seen_softcap:
-                raise Miss("two softcaps")
-            if seen_norm:
-                raise Miss("softcap after log_softmax")
-            seen_softcap = True
-        elif st.kind == "normalize":
-            if seen_norm:
-                raise Miss("two log_softmax")
-            seen_norm = True
-    if not is_ce and not seen_norm:
+    why = check_order(list(reversed(steps)), mm.bias is not None)
+    if why is not None:
+        raise Miss(why)
+    if not is_ce and not any(st.kind is StepKind.NORMALIZE for st in steps):
         raise Miss("nll_loss input is not a log_softmax of the logits")
+    return Match(loss, "cross_entropy" if is_ce else "nll_loss", a["target"], a["ignore_index"], a["reduction"],
+                 float(a["label_smoothing"]), mm, steps, v, hs[-1])

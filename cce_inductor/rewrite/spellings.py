@@ -143,7 +143,7 @@ def match_matmul(node: Any) -> Optional[Matmul]:
         return None
     if _call(node, _ADDMM_FNS, ("addmm",)):
         a = _bind(node, _ADDMM_SIG)
-        if not a or a["beta"] != 1 or a["alpha"] != 1 or a["out"] is not None:
+        if not a or a.get("beta", 1) != 1 or a.get("alpha", 1) != 1 or node.kwargs.get("out") is not None:
             return None
         bias, h, b = a["input"], a["mat1"], a["mat2"]
         if all(isinstance(x, Node) for x in (bias, h, b)) and len(_shape(bias) or ()) == 1:
@@ -195,8 +195,8 @@ def _as_scale(node: Node) -> Optional[tuple[Node, float]]:
     if m:
         return m
     d = _scalar_operand(node, _DIV_FNS, _DIV_METHODS, False)
-    if d and d[1] != 0:
-        return d[0], 1.0 / d[1]
+    if d:  # z / 0 is a non-finite scale: the plan refuses it with that reason
+        return d[0], (1.0 / d[1]) if d[1] != 0 else math.copysign(math.inf, d[1])
     return None
 
 
@@ -209,7 +209,7 @@ def _as_softcap(node: Node) -> Optional[tuple[Node, float, list[Node]]]:
     if not _call(t, _TANH_FNS, ("tanh",)) or len(t.args) != 1 or t.kwargs:
         return None
     inner = _as_scale(t.args[0]) if isinstance(t.args[0], Node) else None
-    if not inner or s <= 0 or not math.isclose(inner[1] * s, 1.0, rel_tol=1e-12):
+    if not inner or not s > 0 or not math.isfinite(s) or not math.isclose(inner[1] * s, 1.0, rel_tol=1e-12):
         return None
     return inner[0], s, [t, t.args[0]]
 

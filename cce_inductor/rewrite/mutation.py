@@ -1,0 +1,150 @@
+"""Which tensors a node of a Dynamo graph writes, and which nodes share memory.
+
+The replacement reads the hidden states, the weight and the bias where the loss stands, and it never
+computes the logits; eager code reads them at the matmul and hands the logits on. So a write, between
+the matmul and the loss, to any of them (or to any tensor sharing their memory: a view, a base, an alias)
+changes what eager computes and not what the op computes. This module answers the two questions that
+check needs, from what torch already records:
+
+* :func:`written_args` — the arguments a node writes, from the op's schema (``Tensor(a!)`` arguments:
+  in-place methods, ``out=``, ``copy_``, custom ops declared with ``mutates_args``), Python's in-place
+  operators (``z[...] = x``, ``z += 1``), or None when nothing tells (then every tensor argument counts).
+* :func:`storage_key` — the storage a node's value lives in. Dynamo's fake values keep eager's aliasing
+  (a view shares its base's fake storage, ``reshape`` of a contiguous tensor too, ``z.float()`` of a
+  float32 ``z`` is ``z``), so two values alias exactly when their storages are the same.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any, Optional
+
+import torch
+from torch.fx import Node
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from .fx_util import _val
+
+_INPLACE_OPERATORS = frozenset({
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift, operator.imatmul,
+})
+_INPLACE_DUNDERS = frozenset(f"__{f.__name__.strip('_')}__" for f in _INPLACE_OPERATORS)
+# Methods that change what autograd does with a tensor without writing its values: the logits' gradient
+# would no longer include the loss's part once the loss reads hidden/weight instead.
+GRAD_OBSERVERS = frozenset({"register_hook", "retain_grad", "register_post_accumulate_grad_hook",
+                            "requires_grad_"})
+# Python-level callables Dynamo leaves in graphs that write nothing (no schema to read); the rewrite adds
+# its own op target here.
+PURE_CALLABLES = {getattr, operator.getitem, len, isinstance, type}
+
+
+def storage_key(node: Any) -> Optional[StorageWeakRef]:
+    """The storage of a node's (fake) tensor value; None for non-tensors and tensors without storage."""
+    v = _val(node)
+    if not isinstance(v, torch.Tensor):
+        return None
+    try:
+        return StorageWeakRef(v.untyped_storage())
+    except Exception:  # sparse, nested or a subclass without one storage
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _aten_method_schemas(name: str) -> tuple:
+    packet = getattr(torch.ops.aten, name, None)
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return ()
+    return tuple(getattr(packet, o)._schema for o in packet.overloads())
+
+
+def _function_schemas(target: Any) -> Optional[tuple]:
+    if isinstance(target, torch._ops.OpOverload):
+        return (target._schema,)
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return tuple(getattr(target, o)._schema for o in target.overloads())
+    try:
+        from torch.fx.operator_schemas import get_signature_for_torch_op
+
+        _, schemas = get_signature_for_torch_op(target, return_schemas=True)
+    except Exception:
+        return None
+    return tuple(schemas) if schemas else None
+
+
+def _written_by_schemas(node: Node, schemas: tuple) -> list:
+    """Arguments of ``node`` that any of the schemas marks as written (``Tensor(a!)``)."""
+    out = []
+    for schema in schemas:
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            if arg.name in node.kwargs:
+                out.append(node.kwargs[arg.name])
+            elif not arg.kwarg_only and i < len(node.args):
+                out.append(node.args[i])
+    return out
+
+
+def _tensor_args(node: Node) -> list:
+    return [a for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor)]
+
+
+def written_args(node: Node) -> Optional[list]:
+    """The argument nodes ``node`` writes to; ``[]`` when it writes none; None when unknown."""
+    written: list = []
+    if node.op in ("placeholder", "get_attr", "output"):
+        return []
+    if node.op == "call_module":
+        return None
+    if "out" in node.kwargs:
+        written.append(node.kwargs["out"])
+    if node.op == "call_method":
+        name = node.target
+        if name in _INPLACE_DUNDERS:
+            return written + [node.args[0]]
+        schemas = _aten_method_schemas(name)
+        if schemas:
+            written += _written_by_schemas(node, schemas)
+        elif name.endswith("_") and not name.endswith("__"):  # Tensor's in-place naming rule
+            written.append(node.args[0])
+        return [w for w in written if isinstance(w, Node)]
+    # call_function
+    target = node.target
+    if target in _INPLACE_OPERATORS:
+        return [node.args[0]] if isinstance(node.args[0], Node) else []
+    if target in PURE_CALLABLES or isinstance(target, torch._ops.HigherOrderOperator):
+        # Dynamo only puts bodies without input mutation into higher-order ops.
+        return [w for w in written if isinstance(w, Node)]
+    if getattr(target, "__module__", None) == "_operator":  # operator.add, operator.neg, ...
+        return [w for w in written if isinstance(w, Node)]
+    if getattr(target, "__objclass__", None) is torch._C.TensorBase:  # torch.Tensor.add_ called as a function
+        name = target.__name__
+        schemas = _aten_method_schemas(name)
+        if schemas:
+            return [w for w in written + _written_by_schemas(node, schemas) if isinstance(w, Node)]
+        return [node.args[0]] if name.endswith("_") and not name.endswith("__") and node.args else []
+    schemas = _function_schemas(target)
+    if schemas is not None:
+        return [w for w in written + _written_by_schemas(node, schemas) if isinstance(w, Node)]
+    if getattr(target, "__module__", "") == "torch.nn.functional":
+        # Python functionals write only with inplace=True (F.relu(x, inplace=True), F.dropout(...)).
+        from torch.fx.operator_schemas import normalize_function
+
+        bound = normalize_function(target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
+        if bound is None:
+            return None
+        if bound.kwargs.get("inplace") is True:
+            first = next(iter(bound.kwargs.values()), None)
+            return [first] if isinstance(first, Node) else None
+        return [w for w in written if isinstance(w, Node)]
+    if getattr(target, "__module__", "") in ("math", "builtins"):
+        return [w for w in written if isinstance(w, Node)]
+    return None
+
+
+def writes(node: Node) -> list:
+    """The tensor nodes ``node`` may write: its written arguments, or every tensor argument when unknown."""
+    w = written_args(node)
+    return _tensor_args(node) if w is None else [x for x in w if isinstance(_val(x), torch.Tensor)]

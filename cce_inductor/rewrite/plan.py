@@ -1,0 +1,216 @@
+"""The plan: everything the replacement needs, decided — and every reason to refuse found — before the
+graph is touched.
+
+:func:`plan_rewrite` turns a :class:`~.match.Match` (the walk's result: loss, typed steps, matmul) into a
+:class:`Plan`: the folded epilogue constants, the dtype the op computes in and the dtype of every input
+it is handed, the z-loss terms it serves. It refuses (raises :class:`~.match.Miss` with the reason) when
+the replacement would not compute what eager computes:
+
+* **modes** — the matmul and the loss under different grad modes, or inside a torch.func transform /
+  forward-AD level;
+* **options** — a zero, non-finite scale or softcap; a bias that is not ``[V]``; ``D == 0``;
+* **dtypes** — operands eager would reject (mixed dtypes with no autocast), a narrowing cast of the logits
+  to 16 bits (the op would skip that rounding); a bias is handed over in the precision eager adds it in;
+* **mutation and aliasing** — anything writing, between the matmul and the loss, to the logits, the
+  hidden states, the weight or the bias, or to any tensor sharing memory with them; hooks on the logits.
+
+Emission (``emit``) then only builds what the plan says.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.fx import Node
+
+from ..options import LossOptions
+from .fx_util import _dtype, _same_size, _shape, _val, location
+from .match import Match, Miss
+from .mutation import GRAD_OBSERVERS, storage_key, writes
+from .regions import Regions
+from .steps import StepKind
+from .zloss import find_logsumexps
+
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # autocast never casts float64
+
+
+@dataclass
+class Plan:
+    match: Match
+    compute_dtype: torch.dtype  # eager's matmul output dtype: hidden and weight are handed to the op in it
+    bias: Optional[Node]
+    bias_dtype: Optional[torch.dtype]  # the dtype the bias is handed to the op in
+    options: LossOptions
+    lse_users: list  # (logsumexp node, eager-order position of its input, keepdim, extra layout step)
+
+    @property
+    def scale(self) -> float:
+        return self.options.logit_scale
+
+    @property
+    def softcap(self) -> Optional[float]:
+        return self.options.softcap
+
+
+def stat_dtype(compute: torch.dtype) -> torch.dtype:
+    """The op's arithmetic dtype for a given input dtype (as ``chunked_torch.stat_dtype``)."""
+    return torch.float64 if compute == torch.float64 else torch.float32
+
+
+def _more_precise(a: torch.dtype, b: torch.dtype) -> bool:
+    """True when floating dtype ``a`` has a finer resolution than ``b``."""
+    return torch.finfo(a).eps < torch.finfo(b).eps
+
+
+def widens(src: torch.dtype, dst: torch.dtype) -> bool:
+    """True when every value of ``src`` is exactly a value of ``dst`` (a cast that cannot round)."""
+    if src == dst:
+        return True
+    if not (src.is_floating_point and dst.is_floating_point):
+        return False
+    a, b = torch.finfo(src), torch.finfo(dst)
+    return a.eps >= b.eps and a.max <= b.max and a.tiny >= b.tiny
+
+
+def _fold_epilogue(m: Match) -> tuple[float, Optional[float], Optional[Node]]:
+    scale, softcap, bias = 1.0, None, m.mm.bias
+    for st in m.order:
+        if st.kind is StepKind.SCALE:
+            if not math.isfinite(st.value) or st.value == 0:
+                raise Miss(f"a logit scale of {st.value} (zero or not finite) is not folded")
+            scale *= st.value
+        elif st.kind is StepKind.SOFTCAP:
+            softcap = st.value
+        elif st.kind is StepKind.BIAS:
+            bias = st.value
+    if not math.isfinite(scale) or scale == 0:
+        raise Miss(f"the folded logit scale {scale} is zero or not finite")
+    return scale, softcap, bias
+
+
+def _check_modes(m: Match, regions: Regions) -> None:
+    if regions.grad.get(m.loss) != regions.grad.get(m.mm.node):
+        raise Miss("the matmul and the loss run under different grad modes (torch.no_grad())")
+    if regions.transforms.get(m.loss, 0) or regions.transforms.get(m.mm.node, 0):
+        raise Miss("inside a torch.func transform (grad/vmap/jvp) or a forward-mode AD level: left to eager autograd")
+
+
+def _check_shapes(m: Match, bias: Optional[Node]) -> None:
+    if isinstance(m.D, int) and m.D == 0:
+        raise Miss("the hidden size D is 0")
+    if isinstance(m.V, int) and m.V == 0:
+        raise Miss("the vocabulary size V is 0")
+    if bias is not None:
+        bs = _shape(bias)
+        if bs is None or len(bs) != 1 or not _same_size(bs[0], m.V):
+            raise Miss(f"the bias has shape {list(bs) if bs is not None else '?'}, not [V] = [{m.V}] "
+                       "(a broadcast bias is left alone)")
+
+
+def _plan_dtypes(m: Match, regions: Regions, bias: Optional[Node]) -> tuple[torch.dtype, Optional[torch.dtype]]:
+    """(compute dtype, bias dtype): hidden/weight are handed over in the matmul's own output dtype, as
+    eager (with autocast, if any) computes it; a bias added after the matmul keeps its own precision."""
+    mm = m.mm
+    compute = _dtype(mm.node)
+    if compute not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise Miss(f"the logits matmul computes in {compute}")
+    device = _val(mm.hidden).device.type
+    amp = regions.autocast_dtype(mm.node, device)
+    operands = [("hidden", mm.hidden), ("weight", mm.weight if mm.weight is not None else mm.weight_t)]
+    if mm.bias is not None:
+        operands.append(("bias", mm.bias))
+    for name, node in operands:
+        dt = _dtype(node)
+        effective = amp if (amp is not None and dt in _AUTOCAST_ELIGIBLE) else dt
+        if effective != compute:
+            raise Miss(f"the matmul's {name} is {dt} but it computes in {compute} with no autocast cast between "
+                       "(eager rejects mixed dtypes here)")
+    # The op computes in float32 (float64 for float64 inputs). Steps eager computes in a wider dtype agree
+    # with it to that precision; what it must not do is skip a rounding to 16 bits that eager does, or
+    # round to 16 bits what eager keeps wider.
+    for st in m.order:
+        to = st.value if st.kind is StepKind.NORMALIZE else _dtype(st.node) if st.kind is StepKind.CAST else None
+        if isinstance(to, torch.dtype) and not widens(_dtype(st.src), to) and _more_precise(torch.float32, to):
+            raise Miss(f"a narrowing cast of the logits ({_dtype(st.src)} -> {to}) rounds them; the op would not")
+    bias_dtype = None
+    if bias is not None:
+        if not (_dtype(bias) or torch.int64).is_floating_point:
+            raise Miss("the bias is not floating point")
+        if bias is mm.bias:
+            bias_dtype = compute  # F.linear / addmm: the bias takes the matmul's dtype (autocast casts it too)
+        else:  # z + b is computed in promote(z, b): hand the bias over in the op's own arithmetic dtype
+            bias_dtype = _dtype(bias) if _dtype(bias) == compute else stat_dtype(compute)
+    return compute, bias_dtype
+
+
+def _node_positions(graph: torch.fx.Graph) -> dict:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def _check_mutation(m: Match, bias: Optional[Node], lse_users: list, pos: dict) -> None:
+    """Nothing may write, between the matmul and the last node the replacement stands for, to memory the
+    replacement reads (hidden, weight, bias) or that eager's logits live in (every step's value)."""
+    mm = m.mm
+    reads = {"hidden states": mm.hidden, "weight": mm.weight if mm.weight is not None else mm.weight_t}
+    if bias is not None:
+        reads["bias"] = bias
+    if mm.bias is not None:
+        reads["bias"] = mm.bias
+    protected: dict = {}
+    for what, node in reads.items():
+        key = storage_key(node)
+        if key is not None:
+            protected.setdefault(key, what)
+    for n in [mm.node] + [st.node for st in m.steps] + [x for st in m.steps for x in st.extra]:
+        key = storage_key(n)
+        if key is not None:
+            protected.setdefault(key, "logits")
+    start = pos[mm.node]
+    end = max([pos[m.loss]] + [pos[u[0]] for u in lse_users])
+    chain = {mm.node, *(st.node for st in m.steps), *(x for st in m.steps for x in st.extra)}
+    for n in m.loss.graph.nodes:
+        p = pos[n]
+        if p <= start:
+            continue
+        if p >= end:
+            break
+        if n in chain:
+            continue
+        for w in writes(n):
+            what = protected.get(storage_key(w))
+            if what is not None:
+                raise Miss(f"{_what_writes(n)} writes to the {what} (or memory they share) between the matmul and "
+                           f"the loss, at {location(n)}")
+    # Hooks / retain_grad on the logits would miss the loss's part of their gradient.
+    logits_keys = {k for k, what in protected.items() if what == "logits"}
+    for n in m.loss.graph.nodes:
+        if n.op == "call_method" and n.target in GRAD_OBSERVERS and n.args and storage_key(n.args[0]) in logits_keys:
+            raise Miss(f"{n.target}() on the logits at {location(n)}: their gradient would not include the loss's")
+
+
+def _what_writes(n: Node) -> str:
+    if n.op == "call_method":
+        return f"`.{n.target}()`"
+    name = getattr(n.target, "__name__", str(n.target))
+    return "`setitem` (z[...] = ...)" if name == "setitem" else f"`{name}`"
+
+
+def plan_rewrite(m: Match, regions: Regions, pos: Optional[dict] = None) -> Plan:
+    """Decide the whole replacement for a match, or raise Miss with the reason."""
+    _check_modes(m, regions)
+    scale, softcap, bias = _fold_epilogue(m)
+    _check_shapes(m, bias)
+    try:
+        options = LossOptions(ignore_index=m.ignore_index, label_smoothing=m.label_smoothing, softcap=softcap,
+                              logit_scale=scale)
+    except ValueError as e:
+        raise Miss(f"options the op refuses: {e}") from e
+    compute, bias_dtype = _plan_dtypes(m, regions, bias)
+    lse_users = find_logsumexps(m)
+    _check_mutation(m, bias, lse_users, pos if pos is not None else _node_positions(m.loss.graph))
+    return Plan(m, compute, bias, bias_dtype, options, lse_users)
+
+
+__all__ = ["Plan", "plan_rewrite", "widens", "stat_dtype"]
