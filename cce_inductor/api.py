@@ -11,6 +11,7 @@ from torch import Tensor
 from . import op as _op  # noqa: F401  (registers torch.ops.cce.*)
 from .chunked_torch import stat_dtype
 from .options import LossOptions
+from .reference import reference_linear_cross_entropy  # noqa: F401  (kept importable from here)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -165,21 +166,4 @@ def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
         loss = loss.sum() / (flat_targets != ignore_index).sum()
     if return_lse:
         return loss, lse.reshape(lead_shape)
-    return loss
-
-
-def reference_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias=None, ignore_index=-100,
-                                   reduction="mean", label_smoothing=0.0, softcap=None, logit_scale=1.0,
-                                   return_lse=False):
-    """The eager PyTorch expression ``linear_cross_entropy`` equals (materialises the logits)."""
-    z = logit_scale * F.linear(hidden, weight, bias)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z.float() if z.dtype != torch.float64 else z
-    loss = F.cross_entropy(z.flatten(0, -2) if z.dim() > 1 else z[None], targets.reshape(-1),
-                           ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
-    if reduction == "none":
-        loss = loss.reshape(targets.shape)
-    if return_lse:
-        return loss, torch.logsumexp(z, dim=-1)
     return loss

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cce_inductor.backend as B
-from test_rewrite_util import _reset_dynamo  # noqa: F401
+from helpers import _reset_dynamo  # noqa: F401
 
 V, D = 13, 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

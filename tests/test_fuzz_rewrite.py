@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_rewrite_util import check
+from helpers import check
 
 # CI: a fixed, derandomized budget. Locally: CCE_FUZZ_EXAMPLES=500 CCE_FUZZ_INDUCTOR_EXAMPLES=50
 # CCE_FUZZ_RANDOM=1 for a longer random run.

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from cce_inductor.backend import make_backend
-from test_rewrite_util import _reset_dynamo, counting_installed_pass  # noqa: F401
+from helpers import _reset_dynamo, counting_installed_pass  # noqa: F401
 
 T = pytest.importorskip("transformers")
 
@@ -55,8 +55,8 @@ MODELS = {
                                                           decoder_start_token_id=0, pad_token_id=0, use_cache=False)),
 }
 # expected op options of the rewrite, where a model sets one
-OPTIONS = {"gemma2": {"softcap": 5.0}, "gemma3": {"softcap": 5.0}, "bert_mlm": {"bias": True},
-           "phi": {"bias": True}, "cohere": {"logit_scale": 0.5}, "granite": {"logit_scale": 0.25}}
+OPTIONS = {"gemma2": {"softcap": 5.0}, "gemma3": {"softcap": 5.0}, "bert_mlm": {"bias": "float32"},
+           "phi": {"bias": "float32"}, "cohere": {"logit_scale": 0.5}, "granite": {"logit_scale": 0.25}}
 # MoE experts run a grouped matmul that has no float64 kernel on the CPU
 FLOAT32 = {"mixtral"}
 

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 import cce_inductor
 from cce_inductor import chunked_torch
-from cce_inductor.api import reference_linear_cross_entropy
+from cce_inductor.reference import reference_linear_cross_entropy
 
-from _reference import float64_reference, loss_and_grads, make_inputs, rel_err
+from helpers import float64_reference, loss_and_grads, make_inputs, rel_err
 
 OPTION_GRID = list(itertools.product(
     [False, True],            # bias

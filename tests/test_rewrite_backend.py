@@ -13,7 +13,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 import cce_inductor.backend as B
 from cce_inductor.rewrite.emit import op_target
 from cce_inductor.explain import explain
-from test_rewrite_util import _reset_dynamo, check, make_inputs  # noqa: F401
+from helpers import _reset_dynamo, check, make_inputs  # noqa: F401
 
 V, D = 11, 6
 

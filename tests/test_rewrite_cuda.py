@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_rewrite_util import _reset_dynamo, counting_installed_pass  # noqa: F401
+from helpers import _reset_dynamo, counting_installed_pass  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -23,6 +23,7 @@ from .spellings import (
     _as_softcap,
     match_matmul,
 )
+from .mutation import written_args
 from .steps import Step, StepKind, check_order
 
 
@@ -121,6 +122,8 @@ def match_loss(loss: Node) -> Match:
             raise Miss("class dim of the loss is not the vocabulary dim (no transpose to (N, C, d...))")
         st = _next_step(cur, class_last)
         if st is None:
+            if written_args(cur):  # e.g. z += b: the loss reads the result of an in-place write
+                raise Miss(f"{_describe(cur)} writes to the logits in place between the matmul and the loss")
             raise Miss(f"unsupported op between the matmul and the loss: {_describe(cur)}")
         steps.append(st)
         if st.kind is StepKind.CLASS_DIM:

@@ -151,18 +151,20 @@ def _node_positions(graph: torch.fx.Graph) -> dict:
 
 def _check_mutation(m: Match, bias: Optional[Node], lse_users: list, pos: dict) -> None:
     """Nothing may write, between the matmul and the last node the replacement stands for, to memory the
-    replacement reads (hidden, weight, bias) or that eager's logits live in (every step's value)."""
+    replacement reads (hidden, weight, bias) or that eager's logits live in (every step's value); nor,
+    after that, to what the op saves for its backward (hidden, weight, bias, targets)."""
     mm = m.mm
     reads = {"hidden states": mm.hidden, "weight": mm.weight if mm.weight is not None else mm.weight_t}
     if bias is not None:
         reads["bias"] = bias
     if mm.bias is not None:
         reads["bias"] = mm.bias
-    protected: dict = {}
-    for what, node in reads.items():
+    saved: dict = {}
+    for what, node in list(reads.items()) + [("targets", m.target)]:
         key = storage_key(node)
         if key is not None:
-            protected.setdefault(key, what)
+            saved.setdefault(key, what)
+    protected = {k: v for k, v in saved.items() if v != "targets"}
     for n in [mm.node] + [st.node for st in m.steps] + [x for st in m.steps for x in st.extra]:
         key = storage_key(n)
         if key is not None:
@@ -172,17 +174,16 @@ def _check_mutation(m: Match, bias: Optional[Node], lse_users: list, pos: dict) 
     chain = {mm.node, *(st.node for st in m.steps), *(x for st in m.steps for x in st.extra)}
     for n in m.loss.graph.nodes:
         p = pos[n]
-        if p <= start:
-            continue
-        if p >= end:
-            break
-        if n in chain:
+        if p <= start or n in chain:
             continue
         for w in writes(n):
-            what = protected.get(storage_key(w))
-            if what is not None:
-                raise Miss(f"{_what_writes(n)} writes to the {what} (or memory they share) between the matmul and "
-                           f"the loss, at {location(n)}")
+            key = storage_key(w)
+            if p < end and key in protected:
+                raise Miss(f"{_what_writes(n)} writes to the {protected[key]} (or memory they share) between the "
+                           f"matmul and the loss, at {location(n)}")
+            if p > end and key in saved:
+                raise Miss(f"{_what_writes(n)} writes to the {saved[key]} after the loss, at {location(n)}: "
+                           "the op saves them for its backward")
     # Hooks / retain_grad on the logits would miss the loss's part of their gradient.
     logits_keys = {k for k, what in protected.items() if what == "logits"}
     for n in m.loss.graph.nodes:

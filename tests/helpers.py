@@ -1,0 +1,163 @@
+"""What the tests share: one input factory, one float64 reference (``cce_inductor.reference``), one
+``rel_err``, and the compile-with-the-rewrite-and-compare-with-eager checks."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import pytest
+import torch
+
+import cce_inductor.backend as backend_module
+from cce_inductor.backend import make_backend
+from cce_inductor.reference import reference_linear_cross_entropy, rel_err  # noqa: F401  (re-exported)
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+def make_inputs(shape=(2, 5), d=6, v=11, dtype=torch.float64, *, bias=True, scale=1.0, ignore_frac=0.2,
+                ignore_index=-100, seed=0, device="cpu", requires_grad=True):
+    """Random (never zero) ``(hidden [*shape, d], weight [v, d], bias [v] or None, targets shape)``.
+
+    Logits have a standard deviation of about ``scale``; a fraction ``ignore_frac`` of the targets is
+    ``ignore_index``. Floating tensors are leaves that require grad (unless ``requires_grad=False``).
+    """
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+    h = torch.randn(*shape, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) * (scale / max(d, 1) ** 0.5)
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    y = torch.randint(0, v, shape, generator=g)
+    if ignore_frac:
+        y[torch.rand(shape, generator=g) < ignore_frac] = ignore_index
+
+    def prep(t):
+        if t is None:
+            return None
+        t = t.to(device=device, dtype=dtype)
+        return t.requires_grad_() if requires_grad else t
+    return prep(h), prep(w), prep(b), y.to(device)
+
+
+# ---- references ----------------------------------------------------------------------------------
+
+def loss_and_grads(fn, hidden, weight, bias, targets, upstream_seed: Optional[int] = 1, **kw):
+    """Run ``fn(hidden, weight, targets, bias=bias, **kw)`` and backprop a random upstream gradient (also
+    through the lse when returned); ``upstream_seed=None`` backprops the loss itself."""
+    out = fn(hidden, weight, targets, bias=bias, **kw)
+    loss, lse = out if isinstance(out, tuple) else (out, None)
+    params = [p for p in (hidden, weight, bias) if p is not None]
+    if upstream_seed is None:
+        return loss, lse, torch.autograd.grad(loss, params)
+    g = torch.Generator().manual_seed(upstream_seed)
+    total = (loss * torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype)).sum()
+    if lse is not None:
+        total = total + (lse * torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.dtype)).sum()
+    return loss, lse, torch.autograd.grad(total, params)
+
+
+def float64_reference(hidden, weight, bias, targets, **kw):
+    """:func:`loss_and_grads` of the eager expression on float64 copies of the inputs."""
+    up = lambda t: None if t is None else t.detach().double().requires_grad_()  # noqa: E731
+    return loss_and_grads(reference_linear_cross_entropy, up(hidden), up(weight), up(bias), targets, **kw)
+
+
+# ---- compile with the rewrite, compare with eager -------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compile_counting(fn, inner="aot_eager", fullgraph=True, dynamic=None):
+    """torch.compile(fn) with the cce backend; returns (compiled, list of each graph's PassResult)."""
+    results = []
+    compiled = torch.compile(fn, backend=make_backend(inner, on_result=results.append), fullgraph=fullgraph,
+                             dynamic=dynamic)
+    return compiled, results
+
+
+@contextlib.contextmanager
+def counting_installed_pass():
+    """``cce_inductor.install()`` with a spy on the rewrite; yields the list of rewrite counts, one per graph.
+
+    Inductor's FX-graph and AOTAutograd caches are switched off inside: on a cache hit Inductor reuses the
+    compiled (already rewritten) program without running any pre-grad pass, so the spy would see nothing
+    on a machine whose cache is warm from an earlier run of the same test.
+    """
+    seen = []
+    real = backend_module.rewrite_graph
+
+    def spy(graph):
+        res = real(graph)
+        seen.append(len(res.rewrites))
+        return res
+    backend_module.rewrite_graph = spy
+    try:
+        with torch._inductor.config.patch(force_disable_caches=True), backend_module.install():
+            yield seen
+    finally:
+        backend_module.rewrite_graph = real
+
+
+def n_rewrites(results):
+    """Rewrites in the last compiled graph (Dynamo may trace a frame twice, e.g. after a
+    TensorifyScalarRestartAnalysis, calling the backend once per trace)."""
+    return len(results[-1].rewrites) if results else 0
+
+
+def _outputs(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [o for x in out for o in _outputs(x)]
+    if hasattr(out, "loss"):
+        return [out.loss]
+    return []
+
+
+def _grads_of(out, inputs):
+    outs = [o for o in _outputs(out) if o.requires_grad and o.dtype.is_floating_point]
+    if not outs:
+        return [None] * len(inputs)
+    total = sum((o.double() * (1.0 + 0.1 * i)).sum() for i, o in enumerate(outs))  # every output counts
+    return torch.autograd.grad(total, inputs, allow_unused=True)
+
+
+def check(fn, args, expect, *, inner="aot_eager", params=(), rtol=1e-6, atol=1e-7, dynamic=None,
+          fullgraph=True, return_results=False):
+    """Compile ``fn`` with the rewrite, assert ``expect`` rewrites, and compare every output and every
+    gradient (of the args that require grad and of ``params``) with eager."""
+    compiled, results = compile_counting(fn, inner=inner, dynamic=dynamic, fullgraph=fullgraph)
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] + list(params)
+    got = compiled(*args)
+    got_g = _grads_of(got, inputs)
+    want = fn(*args)
+    want_g = _grads_of(want, inputs)
+    assert n_rewrites(results) == expect, (
+        f"expected {expect} rewrites, got {[r.rewrites for r in results]}, misses {[r.misses for r in results]}")
+    for g, w in zip(_outputs(got), _outputs(want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, equal_nan=True)
+    for i, (g, w) in enumerate(zip(got_g, want_g)):
+        assert (g is None) == (w is None), i
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"grad {i}: {m}")
+    return results if return_results else None
+
+
+def assert_left_alone(fn, args, reason_part: str, *, inner="aot_eager", clone_args=True):
+    """Compile ``fn`` with the rewrite: nothing rewritten, one miss whose reason contains ``reason_part``
+    (which must be specific: an empty string is refused), and the result equal to eager's."""
+    assert reason_part, "say which reason: an empty reason_part matches anything"
+    compiled, results = compile_counting(fn, inner=inner, fullgraph=False)
+    eager_args = [a.detach().clone().requires_grad_(a.requires_grad) if clone_args and isinstance(a, torch.Tensor)
+                  else a for a in args]
+    out = compiled(*args)
+    torch.testing.assert_close(out, fn(*eager_args), equal_nan=True)
+    assert sum(len(r.rewrites) for r in results) == 0, [r.rewrites for r in results]
+    misses = [m for r in results for m in r.misses]
+    assert misses and any(reason_part in m.reason for m in misses), misses
+    return misses
