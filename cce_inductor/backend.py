@@ -31,22 +31,12 @@ def _source_files() -> tuple:
     return tuple(sorted(out))
 
 
-_uuid_cache: Optional[str] = None
-
-
 def pass_uuid() -> str:
-    """A hash of our source files and the torch version: changes whenever the rewrite could change."""
-    global _uuid_cache
-    if _uuid_cache is None:
-        import hashlib
+    """A hash of our source files and the torch version (Inductor's own helper for custom passes): it
+    changes whenever the rewrite could change."""
+    from torch._inductor.custom_graph_pass import get_hash_for_files
 
-        h = hashlib.sha256(torch.__version__.encode())
-        for path in _source_files():
-            h.update(os.path.relpath(path, _PACKAGE_DIR).encode())
-            with open(path, "rb") as f:
-                h.update(f.read())
-        _uuid_cache = h.hexdigest()
-    return _uuid_cache
+    return get_hash_for_files(_source_files(), extra=f"cce_inductor/{torch.__version__}").hex()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,27 +79,37 @@ def compile_counting(fn, inner="aot_eager", fullgraph=True, dynamic=None):
     return compiled, results
 
 
+class PassCounts:
+    """Rewrites and misses the pass counted (``torch._dynamo.utils.counters["cce"]``) since it was made."""
+
+    def __init__(self):
+        from torch._dynamo.utils import counters
+
+        self._c = counters["cce"]
+        self._start = (self._c["rewrites"], self._c["misses"])
+
+    @property
+    def rewrites(self) -> int:
+        return self._c["rewrites"] - self._start[0]
+
+    @property
+    def misses(self) -> int:
+        return self._c["misses"] - self._start[1]
+
+    def __repr__(self):
+        return f"PassCounts(rewrites={self.rewrites}, misses={self.misses})"
+
+
 @contextlib.contextmanager
 def counting_installed_pass():
-    """``cce_inductor.install()`` with a spy on the rewrite; yields the list of rewrite counts, one per graph.
+    """``cce_inductor.install()``; yields a :class:`PassCounts` of what the pass did inside.
 
     Inductor's FX-graph and AOTAutograd caches are switched off inside: on a cache hit Inductor reuses the
-    compiled (already rewritten) program without running any pre-grad pass, so the spy would see nothing
+    compiled (already rewritten) program without running any pre-grad pass, so nothing would be counted
     on a machine whose cache is warm from an earlier run of the same test.
     """
-    seen = []
-    real = backend_module.rewrite_graph
-
-    def spy(graph):
-        res = real(graph)
-        seen.append(len(res.rewrites))
-        return res
-    backend_module.rewrite_graph = spy
-    try:
-        with torch._inductor.config.patch(force_disable_caches=True), backend_module.install():
-            yield seen
-    finally:
-        backend_module.rewrite_graph = real
+    with torch._inductor.config.patch(force_disable_caches=True), backend_module.install():
+        yield PassCounts()
 
 
 def n_rewrites(results):
