@@ -1,0 +1,956 @@
+"""One training step of real Hugging Face architectures: eager, torch.compile, backend="cce" and Liger.
+
+Measured per architecture x variant:
+  phase "fixed" (first, for every architecture): at a fixed tokens/step, the median step time (CUDA
+    events, after warm-up), the peak memory (torch.cuda.max_memory_allocated over the timed steps after a
+    reset: weights, gradients, optimizer state and activations together), the loss and gradient norm of
+    the first step (same initial weights and tokens in every variant: equal within bf16 noise), the
+    compile time and what the cce rewrite did;
+  phase "search" (then): the largest tokens/step that fits: the number of sequences at a fixed sequence
+    length is doubled until a step runs out of memory, then bisected; one training step per attempt.
+
+One training step = forward with ``labels=input_ids`` (the model computes its own shifted loss inside
+``forward``: that is what the rewrite must find), ``loss.backward()``, ``clip_grad_norm_(1.0)``,
+``AdamW.step()`` (fused on CUDA), ``zero_grad(set_to_none=True)``.
+
+Variants:
+  eager     the model as built
+  compile   torch.compile(loss_fn)                  (Inductor, default mode)
+  cce       torch.compile(loss_fn, backend="cce")  after ``import cce_inductor``
+  liger     liger_kernel.transformers.apply_liger_kernel_to_<model>(model=model), run eagerly as Liger
+            documents it (its default kernels: RoPE, RMSNorm, SwiGLU/GeGLU, fused linear cross-entropy);
+            left out when liger_kernel is not importable or there is no GPU
+where ``loss_fn = lambda ids: model(input_ids=ids, labels=ids).loss``: the forward half of the step is
+compiled (backward runs the compiled backward graph; the optimizer runs eagerly). ``--compile-target
+model`` compiles the model instead (what HF Trainer does; the graph then also returns the logits).
+
+Architectures (random init from configs, no downloads; the released models' shapes, full depth unless
+``--layers``): llama3.2-1b, qwen2.5-0.5b, gemma2-2b. bf16 weights and AdamW state by default
+(``--precision autocast``: fp32 weights under bf16 autocast). Attention "sdpa"; Gemma 2 gets "eager"
+because transformers refuses sdpa for it (attention-logit softcapping).
+
+How the time budget is kept (compiling full-depth models is the slow part, and it is CPU work):
+every (architecture, variant) is its own process. The compiled variants all compile at once, each on a
+2-sequence batch whose batch dimension is marked dynamic (so the same graph serves every batch size,
+no recompile later), then move their weights to the CPU and wait. The GPU is then lent to one process
+at a time: all fixed-phase measurements in order, then the searches (cce and torch.compile first). Each
+turn has a deadline; a process past it is killed and what it reported so far is kept. The JSON is
+rewritten after every turn, so a run cut short still leaves its numbers.
+
+    python benchmarks/step_bench.py                          # GPU, all architectures, 480 s budget
+    python benchmarks/step_bench.py --archs llama --layers 4 --budget-s 200
+    python benchmarks/step_bench.py --tiny                   # CPU smoke run (Llama shape), < 2 minutes
+    python benchmarks/step_bench.py --plot-only out/step_bench.json --plot step_bench.png
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+VARIANTS = ("eager", "compile", "cce", "liger")
+COMPILED = ("compile", "cce")
+LABELS = {"eager": "eager", "compile": "torch.compile", "cce": 'torch.compile(backend="cce")',
+          "liger": "Liger (eager)"}
+
+# name: (config class, model class, config kwargs, default seq len, default sequences per step, liger fn)
+ARCHS = {
+    "llama3.2-1b": ("LlamaConfig", "LlamaForCausalLM",
+                    dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072, head_dim=64),
+                    2048, 8, "apply_liger_kernel_to_llama"),
+    "qwen2.5-0.5b": ("Qwen2Config", "Qwen2ForCausalLM",
+                     dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                          intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                          max_position_embeddings=32768),
+                     2048, 8, "apply_liger_kernel_to_qwen2"),
+    "gemma2-2b": ("Gemma2Config", "Gemma2ForCausalLM",
+                  dict(hidden_size=2304, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                       head_dim=256, intermediate_size=9216, vocab_size=256000, tie_word_embeddings=True,
+                       final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=256,
+                       sliding_window=4096, max_position_embeddings=8192, hidden_activation="gelu_pytorch_tanh"),
+                  1024, 8, "apply_liger_kernel_to_gemma2"),
+}
+ALIASES = {"llama": "llama3.2-1b", "qwen": "qwen2.5-0.5b", "qwen2": "qwen2.5-0.5b", "gemma": "gemma2-2b",
+           "gemma2": "gemma2-2b"}
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=512, max_position_embeddings=256)
+TINY_EXTRA = {"gemma2-2b": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64),
+              "llama3.2-1b": dict(head_dim=16)}
+TINY_SEQ, TINY_BATCH = 32, 4
+
+
+def _err(ex):
+    text = str(ex).strip().splitlines()
+    return f"{type(ex).__name__}: {text[0][:300] if text else ''}"
+
+
+def _is_oom(ex):
+    import torch
+
+    return isinstance(ex, torch.OutOfMemoryError) or (isinstance(ex, RuntimeError) and "out of memory" in str(ex))
+
+
+def shape_of(a, arch, phase):
+    """(sequences, seq len) of the fixed phase, or (first sequences, seq len) of the search."""
+    _, _, _, seq, nseq, _ = ARCHS[arch]
+    if a.tiny:
+        seq, nseq = TINY_SEQ, TINY_BATCH
+    if phase == "search":
+        s = a.search_seq or a.seq or seq
+        return max(2, (a.tokens // s) if a.tokens else nseq), s
+    s = a.seq or seq
+    return max(1, (a.tokens // s) if a.tokens else nseq), s
+
+
+# ============================================================================================ worker
+
+
+class Events:
+    """JSON lines to the parent, one file per worker, flushed at once."""
+
+    def __init__(self, path):
+        self.f = open(path, "a", buffering=1)
+
+    def __call__(self, **kw):
+        kw.setdefault("t", time.time())
+        self.f.write(json.dumps(kw, default=str) + "\n")
+        self.f.flush()
+
+
+class RewriteLog(logging.Handler):
+    """Collects the ``cce_inductor`` logger's INFO lines ("cce: rewrote ...", "cce: left ... alone")."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        try:
+            self.lines.append(record.getMessage())
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class Worker:
+    """One (architecture, variant) in this process: build, compile, fixed-phase measurement, search."""
+
+    def __init__(self, a):
+        import torch
+
+        self.a, self.torch = a, torch
+        self.arch, self.variant = a.arch, a.variant
+        self.device = torch.device(a.device)
+        self.cuda = self.device.type == "cuda"
+        self.param_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "autocast": torch.float32}[a.precision]
+        self.rlog = RewriteLog()
+        lg = logging.getLogger("cce_inductor")
+        lg.addHandler(self.rlog)
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+        self.model = self.fwd = None
+        self.info, self.compile_info = {}, {}
+
+    # ------------------------------------------------------------------------------------ model
+    def config(self):
+        import transformers
+
+        cfg_name, _, kw, *_ = ARCHS[self.arch]
+        kw = dict(kw)
+        if self.a.tiny:
+            kw.update(TINY, **TINY_EXTRA.get(self.arch, {}))
+        if self.a.layers:
+            kw["num_hidden_layers"] = self.a.layers
+        kw["use_cache"] = False
+        return getattr(transformers, cfg_name)(**kw)
+
+    def build(self):
+        """The model on the device (same seed: same weights in every variant) and the forward+loss function."""
+        import transformers
+
+        torch = self.torch
+        cfg = self.config()
+        cls = getattr(transformers, ARCHS[self.arch][1])
+        model, refused = None, None
+        for impl in dict.fromkeys((self.a.attn, "eager")):
+            cfg._attn_implementation = impl
+            torch.manual_seed(self.a.seed)
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(self.param_dtype)
+            try:
+                with torch.device(self.device):
+                    model = cls(cfg)
+                break
+            except ValueError as ex:  # transformers refuses an attention implementation the model lacks
+                refused = _err(ex)
+            finally:
+                torch.set_default_dtype(prev)
+        if model is None:
+            raise RuntimeError(refused)
+        model.train()
+        if getattr(model, "loss_type", None) is None:
+            model.loss_type = "ForCausalLM"  # keeps lm_head and the loss in one graph (see README)
+        if self.a.grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.info = dict(attn_impl=model.config._attn_implementation,
+                         params_M=round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                         layers=cfg.num_hidden_layers, vocab=cfg.vocab_size, hidden=cfg.hidden_size,
+                         param_dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                         tied=model.lm_head.weight is model.get_input_embeddings().weight)
+        if model.config._attn_implementation != self.a.attn:
+            self.info["attn_note"] = f"{self.a.attn} refused by transformers: {refused}"
+        if self.variant == "liger":
+            import liger_kernel.transformers as lk
+
+            getattr(lk, ARCHS[self.arch][5])(model=model)
+
+        def loss_fn(ids):
+            return model(input_ids=ids, labels=ids).loss
+
+        fwd = loss_fn
+        if self.variant in COMPILED:
+            if self.variant == "cce":
+                import cce_inductor  # noqa: F401  (registers backend="cce")
+            backend = "cce" if self.variant == "cce" else "inductor"
+            if self.a.compile_target == "model":
+                cmodel = torch.compile(model, backend=backend)
+
+                def fwd(ids):
+                    return cmodel(input_ids=ids, labels=ids).loss
+            else:
+                fwd = torch.compile(loss_fn, backend=backend)
+        self.model, self.fwd = model, fwd
+
+    def fwd_bwd(self, ids):
+        torch = self.torch
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.a.precision == "autocast"):
+            loss = self.fwd(ids)
+        loss.backward()
+        return loss
+
+    def make_step(self):
+        torch = self.torch
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, **({"fused": True} if self.cuda else {}))
+
+        def step(ids):
+            if self.a.fake_oom_tokens and ids.numel() > self.a.fake_oom_tokens:  # tests of the search on a CPU
+                raise torch.OutOfMemoryError(f"fake: {ids.numel()} tokens > {self.a.fake_oom_tokens}")
+            loss = self.fwd_bwd(ids)
+            gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach(), gn.detach()
+
+        return opt, step
+
+    def batch(self, b, s, seed):
+        torch = self.torch
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        ids = torch.randint(0, self.model.config.vocab_size, (b, s), generator=g, device=self.device)
+        if not self.a.static and b >= 2:
+            torch._dynamo.mark_dynamic(ids, 0)
+        return ids
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def free(self):
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.empty_cache()
+            getattr(self.torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
+
+    def offload(self):
+        """Weights to the CPU while other processes use the GPU (the compiled graph stays valid)."""
+        if self.model is not None:
+            self.model.zero_grad(set_to_none=True)  # the compile step's gradients must not reach the next step
+            if self.cuda:
+                self.model.to("cpu")
+        self.free()
+
+    def restore(self):
+        if self.model is None:
+            self.build()
+        elif self.cuda:
+            self.model.to(self.device)
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+
+    def dynamo_stats(self):
+        from torch._dynamo.utils import counters
+
+        return dict(graphs=int(counters["stats"].get("unique_graphs", 0)),
+                    graph_breaks=int(sum(counters["graph_break"].values())),
+                    graph_break_reasons=sorted(counters["graph_break"])[:5])
+
+    def rewrite_stats(self):
+        lines = self.rlog.lines
+        return dict(rewrites=sum(1 for m in lines if m.startswith("cce: rewrote")),
+                    misses=sum(1 for m in lines if m.startswith("cce: left")), rewrite_log=lines[:6])
+
+    # ------------------------------------------------------------------------------------ phases
+    def compile(self):
+        """Build and compile on a 2-sequence batch (forward + backward, no optimizer step)."""
+        b, s = shape_of(self.a, self.arch, "fixed")
+        b = b if self.a.static else 2
+        self.build()
+        ids = self.batch(b, s, self.a.seed + 99)
+        self.sync()
+        t0 = time.perf_counter()
+        self.fwd_bwd(ids)
+        self.sync()
+        self.compile_info = dict(compile_s=round(time.perf_counter() - t0, 2), compile_batch=b,
+                                 **self.dynamo_stats())
+        if self.variant == "cce":
+            self.compile_info.update(self.rewrite_stats())
+        del ids
+        self.offload()
+
+    def run_fixed(self, deadline, emit):
+        torch, a = self.torch, self.a
+        b, s = shape_of(a, self.arch, "fixed")
+        r = dict(batch=b, seq=s, tokens=b * s)
+        self.restore()
+        r.update(self.info, **self.compile_info)
+        graphs_before = self.dynamo_stats()["graphs"]
+        opt, step = self.make_step()
+        batches = [self.batch(b, s, a.seed + 1 + i) for i in range(2)]
+        self.sync()
+        t0 = time.perf_counter()
+        loss, gn = step(batches[0])
+        self.sync()
+        r["first_step_s"] = round(time.perf_counter() - t0, 2)
+        r["loss_first"], r["grad_norm_first"] = loss.item(), gn.item()
+        emit(type="progress", phase="fixed", first_step_s=r["first_step_s"], loss_first=r["loss_first"])
+        for i in range(max(0, a.warmup - 1)):
+            step(batches[(i + 1) % 2])
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            r["base_mb"] = round(torch.cuda.memory_allocated(self.device) / 2**20, 1)
+        times, per_step = [], None
+        for i in range(a.steps):
+            if i and per_step and time.time() + 2 * per_step + 1 > deadline:
+                r["steps_cut_short"] = True
+                break
+            ids = batches[i % 2]
+            if self.cuda:
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                loss, gn = step(ids)
+                e1.record()
+                times.append((e0, e1))
+                if i == 0:
+                    self.sync()
+                    per_step = e0.elapsed_time(e1) / 1e3
+            else:
+                t0 = time.perf_counter()
+                loss, gn = step(ids)
+                times.append(time.perf_counter() - t0)
+                per_step = times[-1]
+        self.sync()
+        ms = [e0.elapsed_time(e1) for e0, e1 in times] if self.cuda else [t * 1e3 for t in times]
+        r.update(step_ms=round(statistics.median(ms), 2), step_ms_all=[round(x, 2) for x in ms],
+                 loss_last=loss.item(), status="ok")
+        if self.cuda:
+            r["peak_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+            r["reserved_mb"] = round(torch.cuda.max_memory_reserved(self.device) / 2**20, 1)
+        if self.variant in COMPILED:
+            r["recompiled"] = self.dynamo_stats()["graphs"] > graphs_before
+        if self.variant == "cce" and self.a.device == "cpu":
+            r.update(self.rewrite_stats())  # the same lines; also kept here for the --tiny test
+        del opt, step, batches, loss, gn
+        return r
+
+    def run_search(self, deadline, emit):
+        torch, a = self.torch, self.a
+        b, s = shape_of(a, self.arch, "search")
+        self.restore()
+        r = dict(seq=s)
+        if self.cuda:
+            free, total = torch.cuda.mem_get_info(self.device)
+            r.update(free_mb_at_start=round(free / 2**20), total_mb=round(total / 2**20))
+        graphs_before = self.dynamo_stats()["graphs"]
+        opt, step = self.make_step()
+        lo, hi, attempts, status, err = 0, None, [], "ok", None
+        while True:
+            if attempts and time.time() + 2 * attempts[-1]["s"] + 1 > deadline:
+                status = "time limit"
+                break
+            t0 = time.time()
+            ok, peak = False, None
+            try:
+                ids = self.batch(b, s, a.seed + 100 + b)
+                if self.cuda:
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                step(ids)
+                self.sync()
+                ok = True
+                if self.cuda:
+                    peak = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+            except Exception as ex:  # noqa: BLE001
+                if not _is_oom(ex):
+                    err = _err(ex)
+            ids = None
+            opt.zero_grad(set_to_none=True)
+            self.free()
+            att = dict(seqs=b, tokens=b * s, fits=ok, peak_mb=peak, s=round(time.time() - t0, 2))
+            attempts.append(att)
+            emit(type="attempt", phase="search", **att)
+            if err:
+                status = "error"
+                break
+            if ok:
+                lo = b
+            else:
+                hi = b
+            if hi is None:  # still doubling
+                if b >= a.max_seqs:
+                    status = "cap"
+                    break
+                b = min(2 * b, a.max_seqs)
+            elif lo == 0:  # nothing fitted yet: halve
+                if b <= 1:
+                    break
+                b = b // 2
+            else:
+                if hi - lo <= max(1, int(lo * a.search_tol)):
+                    break
+                b = (lo + hi) // 2
+        r.update(max_seqs=lo, max_tokens=lo * s, first_fail_seqs=hi, attempts=attempts, status=status,
+                 exact=hi is not None and lo > 0 and status == "ok")
+        if self.variant in COMPILED:
+            r["recompiled"] = self.dynamo_stats()["graphs"] > graphs_before
+        if err:
+            r["error"] = err
+        del opt, step
+        return r
+
+
+def _wait_go(a, phase):
+    """Block until the parent lends this process the GPU; returns the turn's deadline (None: parent gone)."""
+    path = os.path.join(a.ctl, f"{a.arch}__{a.variant}.go.{phase}")
+    parent = os.getppid()
+    while not os.path.exists(path):
+        if os.getppid() != parent or time.time() > a.hard_end:
+            return None
+        time.sleep(0.2)
+    with open(path) as f:
+        return json.load(f)["deadline"]
+
+
+def worker_main(a):
+    import torch
+
+    emit = Events(os.path.join(a.ctl, f"{a.arch}__{a.variant}.events"))
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except Exception:  # noqa: BLE001
+        pass
+    w = Worker(a)
+    if w.cuda:  # the parent never touches CUDA (a context there would hold GPU memory all run long)
+        props = torch.cuda.get_device_properties(w.device)
+        emit(type="device", gpu=props.name, gpu_mem_gb=round(props.total_memory / 2**30, 1))
+    phases = ["fixed"] + (["search"] if a.search else [])
+    try:
+        if a.variant in COMPILED:
+            emit(type="state", state="compiling")
+            w.compile()
+            emit(type="compiled", **w.compile_info)
+            print(f"[step_bench] {a.arch} {a.variant}: compiled in {w.compile_info['compile_s']} s "
+                  f"(batch {w.compile_info['compile_batch']})", flush=True)
+    except Exception as ex:  # noqa: BLE001
+        r = dict(status="OOM" if _is_oom(ex) else "error", error="compile: " + _err(ex),
+                 traceback=traceback.format_exc()[-3000:])
+        for ph in phases:
+            emit(type="result", phase=ph, **r)
+        emit(type="exit")
+        return
+    for ph in phases:
+        emit(type="ready", phase=ph)
+        deadline = _wait_go(a, ph)
+        if deadline is None:
+            break
+        t0 = time.time()
+        try:
+            r = (w.run_fixed if ph == "fixed" else w.run_search)(deadline, emit)
+        except Exception as ex:  # noqa: BLE001
+            r = dict(status="OOM" if _is_oom(ex) else "error", error=_err(ex), traceback=traceback.format_exc()[-3000:])
+            if ph == "fixed":
+                r.update(w.info, **w.compile_info)
+        r["wall_s"] = round(time.time() - t0, 1)
+        emit(type="result", phase=ph, **r)
+        what = (f"step {r['step_ms']} ms, peak {r.get('peak_mb', '-')} MB, loss {r['loss_first']:.4f}"
+                if "step_ms" in r else f"max {r['max_tokens']} tokens/step" if "max_tokens" in r
+                else r.get("error", ""))
+        print(f"[step_bench] {a.arch} {a.variant} {ph}: {r.get('status')} in {r['wall_s']} s, {what}", flush=True)
+        try:
+            w.offload()
+        except Exception:  # noqa: BLE001
+            pass
+    emit(type="exit")
+
+
+# ============================================================================================ parent
+
+
+def _versions():
+    import torch
+
+    out = dict(torch=torch.__version__, python=sys.version.split()[0])
+    from importlib.metadata import version
+
+    for name in ("transformers", "triton", "liger-kernel", "accelerate"):
+        try:
+            out[name] = version(name)
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        out["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def _worker_argv(a, arch, variant, search, hard_end):
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", "--arch", arch, "--variant", variant,
+            "--ctl", a.ctl, "--hard-end", f"{hard_end:.3f}", "--device", a.device, "--precision", a.precision,
+            "--attn", a.attn, "--seed", str(a.seed), "--warmup", str(a.warmup), "--steps", str(a.steps),
+            "--compile-target", a.compile_target, "--max-seqs", str(a.max_seqs), "--search-tol", str(a.search_tol)]
+    for flag, val in (("--layers", a.layers), ("--tokens", a.tokens), ("--seq", a.seq),
+                      ("--search-seq", a.search_seq), ("--fake-oom-tokens", a.fake_oom_tokens)):
+        if val:
+            argv += [flag, str(val)]
+    for flag, val in (("--tiny", a.tiny), ("--static", a.static), ("--grad-ckpt", a.grad_ckpt), ("--search", search)):
+        if val:
+            argv.append(flag)
+    return argv
+
+
+class Child:
+    def __init__(self, arch, variant):
+        self.arch, self.variant = arch, variant
+        self.name = f"{arch}__{variant}"
+        self.proc = None
+        self.state = "starting"  # compiling, ready:<phase>, run:<phase>, done
+        self.pos = 0
+        self.attempts = []
+        self.turn = None  # (phase, deadline, started)
+        self.t_spawn = None
+        self.compile_info = {}
+
+
+class Orchestrator:
+    GRACE_S = 15.0
+
+    def __init__(self, a, archs, variants, search, t_start, save):
+        self.a, self.t_start, self.save, self.search = a, t_start, save, search
+        self.hard_end = t_start + a.budget_s - a.reserve_s
+        self.compile_end = t_start + a.compile_limit_s
+        self.records = {}
+        self.device_info = {}
+        self.children = [Child(arch, v) for arch in archs for v in variants]
+        self.fixed_order = list(self.children)  # architecture-major, variants in the given order
+        search_first = [c for c in self.children if c.variant in COMPILED]
+        search_first.sort(key=lambda c: (archs.index(c.arch), ("cce", "compile").index(c.variant)))
+        self.search_order = search_first + [c for c in self.children if c.variant not in COMPILED]
+
+    def rec(self, c):
+        return self.records.setdefault((c.arch, c.variant),
+                                       dict(arch=c.arch, variant=c.variant, label=LABELS[c.variant]))
+
+    def spawn_all(self):
+        n_compile = sum(c.variant in COMPILED for c in self.children) or 1
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # compiles run side by side: split the CPU's cores between their Triton compile workers
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 2) // n_compile)))
+        for c in sorted(self.children, key=lambda c: c.variant not in COMPILED):
+            c.proc = subprocess.Popen(_worker_argv(self.a, c.arch, c.variant, self.search, self.hard_end),
+                                      start_new_session=True, env=env)
+            c.t_spawn = time.time()
+
+    def read(self, c):
+        path = os.path.join(self.a.ctl, c.name + ".events")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            f.seek(c.pos)
+            while True:
+                line = f.readline()
+                if not line.endswith("\n"):
+                    break
+                c.pos = f.tell()
+                self.handle(c, json.loads(line))
+
+    def handle(self, c, ev):
+        kind = ev["type"]
+        if kind == "state":
+            c.state = ev["state"]
+        elif kind == "compiled":
+            c.compile_info = {k: v for k, v in ev.items() if k not in ("type", "t")}
+        elif kind == "ready":
+            c.state = "ready:" + ev["phase"]
+        elif kind == "attempt":
+            c.attempts.append({k: ev[k] for k in ("seqs", "tokens", "fits", "peak_mb", "s")})
+        elif kind == "progress":
+            c.progress = ev
+        elif kind == "result":
+            r = {k: v for k, v in ev.items() if k not in ("type", "phase", "t")}
+            self.rec(c)[ev["phase"]] = r
+            c.turn = None
+        elif kind == "device":
+            self.device_info = {k: v for k, v in ev.items() if k not in ("type", "t")}
+        elif kind == "exit":
+            c.state = "exiting"
+
+    def kill(self, c, why):
+        """Kill a worker (its whole process group: Inductor's compile workers too) and record why."""
+        if c.proc and c.proc.poll() is None:
+            try:
+                os.killpg(c.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            c.proc.wait()
+        self.read(c)
+        self.close(c, why)
+
+    def close(self, c, why):
+        """Record ``why`` for every phase this worker did not report."""
+        phases = ["fixed"] + (["search"] if self.search else [])
+        r = self.rec(c)
+        for ph in phases:
+            if ph in r:
+                continue
+            x = dict(status=why, **({} if ph == "search" else c.compile_info))
+            if ph == "search" and c.attempts and c.turn and c.turn[0] == "search":
+                fits = [t["seqs"] for t in c.attempts if t["fits"]]
+                fails = [t["seqs"] for t in c.attempts if not t["fits"]]
+                seq = c.attempts[0]["tokens"] // c.attempts[0]["seqs"]
+                x.update(seq=seq, max_seqs=max(fits, default=0), max_tokens=max(fits, default=0) * seq,
+                         first_fail_seqs=min(fails, default=None), exact=False, attempts=c.attempts)
+            r[ph] = x
+            why = "not run" if why.startswith("time limit") else why
+        c.state, c.turn = "done", None
+
+    def grant(self, c, phase):
+        now = time.time()
+        left = self.hard_end - now
+        if phase == "fixed":
+            limit = min(self.a.turn_limit_s, left)
+        else:
+            pending = [x for x in self.children if x.state == "ready:search"]
+            limit = min(left, max(left / max(1, len(pending)), min(left, 30.0)))
+        deadline = now + limit
+        path = os.path.join(self.a.ctl, f"{c.name}.go.{phase}")
+        with open(path + ".tmp", "w") as f:
+            json.dump(dict(deadline=deadline), f)
+        os.replace(path + ".tmp", path)
+        c.state, c.turn = "run:" + phase, (phase, deadline, now)
+        print(f"[step_bench] {c.arch} {c.variant} {phase}: GPU turn, limit {limit:.0f} s "
+              f"(elapsed {now - self.t_start:.0f} s)", flush=True)
+
+    def run(self):
+        self.spawn_all()
+        while True:
+            now = time.time()
+            for c in self.children:
+                if c.state == "done":
+                    continue
+                self.read(c)
+                if c.proc.poll() is not None:  # exited: said so (phases it did not reach: budget) or crashed
+                    self.read(c)
+                    self.close(c, "not run (budget)" if c.state == "exiting" else f"crashed (exit {c.proc.returncode})")
+                    continue
+                if now > self.hard_end:
+                    self.kill(c, "time limit (budget)" if c.turn else "not run (budget)")
+                elif c.state in ("starting", "compiling") and now > self.compile_end:
+                    self.kill(c, f"time limit while compiling (killed after {now - c.t_spawn:.0f} s)")
+                elif c.turn and now > c.turn[1] + self.GRACE_S:
+                    self.kill(c, f"time limit (killed after {now - c.turn[2]:.0f} s)")
+            alive = [c for c in self.children if c.state != "done"]
+            if not alive:
+                break
+            if not any(c.state.startswith("run:") for c in alive):
+                compiling = any(c.state in ("starting", "compiling") and c.variant in COMPILED for c in alive)
+                nxt = None
+                if not compiling or self.a.overlap:
+                    nxt = next((c for c in self.fixed_order if c.state == "ready:fixed"), None)
+                    phase = "fixed"
+                    fixed_pending = any(c.state in ("starting", "compiling", "ready:fixed") for c in alive)
+                    if nxt is None and not fixed_pending:
+                        nxt = next((c for c in self.search_order if c.state == "ready:search"), None)
+                        phase = "search"
+                if nxt is not None:
+                    self.grant(nxt, phase)
+            self.save()
+            time.sleep(0.25)
+        self.save()
+
+
+def run_all(a):
+    t_start = time.time()
+    archs = [ALIASES.get(x, x) for x in a.archs.split(",") if x]
+    for x in archs:
+        if x not in ARCHS:
+            raise SystemExit(f"unknown architecture {x!r}; known: {', '.join(ARCHS)} (or {', '.join(ALIASES)})")
+    variants = [v for v in a.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+    skipped = {}
+    if "liger" in variants:
+        import importlib.util
+
+        if a.device != "cuda":
+            skipped["liger"] = "needs CUDA"
+        elif importlib.util.find_spec("liger_kernel") is None:
+            skipped["liger"] = "liger_kernel not importable"
+    variants = [v for v in variants if v not in skipped]
+    search = not a.no_search and (a.device == "cuda" or bool(a.fake_oom_tokens)) and not (a.tiny and not a.fake_oom_tokens)
+    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), argv=sys.argv[1:], versions=_versions(),
+                device=a.device, precision=a.precision, compile_target=a.compile_target,
+                dynamic_batch=not a.static, grad_ckpt=a.grad_ckpt, budget_s=a.budget_s, skipped=skipped,
+                step="forward(labels=input_ids) + backward + clip_grad_norm_(1.0) + AdamW.step"
+                     + (" (fused)" if a.device == "cuda" else ""),
+                compiled="torch.compile(lambda ids: model(input_ids=ids, labels=ids).loss)"
+                if a.compile_target == "loss" else "torch.compile(model)")
+    a.ctl = tempfile.mkdtemp(prefix="step_bench_")
+    orch = None
+
+    def save():
+        data = dict(meta=dict(meta, elapsed_s=round(time.time() - t_start, 1), **orch.device_info),
+                    results=sorted(orch.records.values(), key=lambda r: (archs.index(r["arch"]),
+                                                                        VARIANTS.index(r["variant"]))))
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out + ".tmp", "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        os.replace(a.out + ".tmp", a.out)
+        return data
+
+    orch = Orchestrator(a, archs, variants, search, t_start, save)
+    try:
+        orch.run()
+    finally:
+        for c in orch.children:
+            if c.proc and c.proc.poll() is None:
+                orch.kill(c, "not run (interrupted)")
+        shutil.rmtree(a.ctl, ignore_errors=True)
+    return save()
+
+
+# ============================================================================================ output
+
+
+def _f(x, spec):
+    return "" if x is None else format(x, spec)
+
+
+def _get(r, phase, key):
+    return (r.get(phase) or {}).get(key)
+
+
+def table(data):
+    """The markdown table: one row per architecture x variant."""
+    rows = data["results"]
+    lines = ["| architecture | variant | tokens/step | step ms | × torch.compile | peak GB | loss (step 1) | "
+             "grad norm (step 1) | compile s | graphs / breaks | cce rewrites | max tokens/step | status |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        f, s = r.get("fixed") or {}, r.get("search") or {}
+        ref = next((_get(x, "fixed", "step_ms") for x in rows if x["arch"] == r["arch"] and x["variant"] == "compile"),
+                   None)
+        ms = f.get("step_ms")
+        tok = f"{f['batch']}×{f['seq']} = {f['tokens']}" if f.get("tokens") else ""
+        if s.get("max_tokens") is not None:
+            mt = f"{s['max_tokens']} ({s['max_seqs']}×{s['seq']})"
+            if not s.get("exact"):
+                mt = "≥ " + mt + f" [{s.get('status')}]"
+        else:
+            mt = s.get("status", "")
+        graphs = f"{f['graphs']} / {f['graph_breaks']}" if "graphs" in f else ""
+        rw = f"{f['rewrites']} ({f['misses']} missed)" if r["variant"] == "cce" and "rewrites" in f else ""
+        status = f.get("status", "")
+        if f.get("error"):
+            status += ": " + f["error"][:80].replace("|", "/")
+        if f.get("recompiled"):
+            status += " (recompiled at the full batch)"
+        peak = f.get("peak_mb")
+        cells = [r["arch"], r["label"], tok, _f(ms, ".1f"), _f(ms / ref if ms is not None and ref else None, ".2f"),
+                 _f(peak / 1024 if peak is not None else None, ".2f"), _f(f.get("loss_first"), ".4f"),
+                 _f(f.get("grad_norm_first"), ".4f"), _f(f.get("compile_s"), ".1f"), graphs, rw, mt, status]
+        lines.append("| " + " | ".join(cells) + " |")
+    m = data["meta"]
+    head = (f"{m.get('gpu', m['device'])}, {m['precision']}, torch {m['versions'].get('torch')}, transformers "
+            f"{m['versions'].get('transformers')}, {m['date']}, {m.get('elapsed_s')} s; step = {m['step']}; "
+            f"compiled: {m['compiled']}{' (batch dim dynamic)' if m.get('dynamic_batch') else ''}")
+    skipped = m.get("skipped") or {}
+    tail = [f"\nnot run: {', '.join(f'{k} ({v})' for k, v in skipped.items())}"] if skipped else []
+    return "\n".join([head, ""] + lines + tail)
+
+
+def plot(data, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = data["results"]
+    archs = list(dict.fromkeys(r["arch"] for r in res))
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in res)]
+    panels = [("step ms at the fixed tokens/step", lambda r: _get(r, "fixed", "step_ms"), "fixed"),
+              ("peak GB at the fixed tokens/step",
+               lambda r: None if _get(r, "fixed", "peak_mb") is None else _get(r, "fixed", "peak_mb") / 1024, "fixed"),
+              ("max tokens/step (thousands)",
+               lambda r: None if _get(r, "search", "max_tokens") is None else _get(r, "search", "max_tokens") / 1e3,
+               "search")]
+    panels = [p for p in panels if any(p[1](r) is not None for r in res)] or panels[:1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    width = 0.8 / max(1, len(variants))
+    for ax, (title, get, phase) in zip(axes[0], panels):
+        for j, v in enumerate(variants):
+            for i, arch in enumerate(archs):
+                r = next((x for x in res if x["arch"] == arch and x["variant"] == v), None)
+                if r is None:
+                    continue
+                x = i - 0.4 + width * (j + 0.5)
+                y = get(r)
+                if y is None:
+                    st = (r.get(phase) or {}).get("status", "-")
+                    ax.annotate(st.split(" ")[0][:10], (x, 0), rotation=90, ha="center", va="bottom", fontsize=7,
+                                color=f"C{j}")
+                    continue
+                hatch = "//" if phase == "search" and not (r.get("search") or {}).get("exact") else None
+                ax.bar(x, y, width, color=f"C{j}", hatch=hatch, label=LABELS[v] if i == 0 else None)
+                ax.annotate(f"{y:.0f}" if y >= 10 else f"{y:.2f}", (x, y), ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(range(len(archs)))
+        ax.set_xticklabels(archs, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    m = data["meta"]
+    fig.suptitle(f"one training step, {m.get('gpu', m['device'])}, {m['precision']}, "
+                 f"torch {m['versions'].get('torch')}, {m['date'][:10]} (hatched: lower bound)", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ============================================================================================ main
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", default=None,
+                    help=f"comma list of {', '.join(ARCHS)} (or llama, qwen, gemma2); default all "
+                         "(--tiny: llama only)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (default: the real depth)")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="tokens/step of the fixed phase (default: 8 sequences of --seq; the search starts there)")
+    ap.add_argument("--seq", type=int, default=None, help="sequence length (default 2048; gemma2 1024; tiny 32)")
+    ap.add_argument("--search-seq", type=int, default=None, help="sequence length of the search (default --seq)")
+    ap.add_argument("--precision", default=None, choices=["bf16", "fp32", "autocast"],
+                    help="bf16 weights (GPU default), fp32 (CPU default), or fp32 weights + bf16 autocast")
+    ap.add_argument("--attn", default="sdpa", help="attention implementation (eager where transformers refuses it)")
+    ap.add_argument("--compile-target", default="loss", choices=["loss", "model"],
+                    help="loss: torch.compile(lambda ids: model(ids, labels=ids).loss); model: torch.compile(model)")
+    ap.add_argument("--static", action="store_true",
+                    help="no dynamic batch dim: compile at the fixed batch (the search then recompiles)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="HF gradient checkpointing (use_reentrant=False)")
+    ap.add_argument("--warmup", type=int, default=2, help="steps at the fixed size before timing")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run")
+    ap.add_argument("--reserve-s", type=float, default=10.0, help="kept at the end for the JSON, table and plot")
+    ap.add_argument("--compile-limit-s", type=float, default=None,
+                    help="compiles still running after this many seconds are killed (default 45%% of the budget)")
+    ap.add_argument("--turn-limit-s", type=float, default=120.0, help="time limit of one fixed-phase measurement")
+    ap.add_argument("--overlap", action="store_true",
+                    help="measure while other variants still compile (faster; timing and memory less clean)")
+    ap.add_argument("--no-search", action="store_true", help="skip the max-tokens search")
+    ap.add_argument("--max-seqs", type=int, default=512, help="the search stops at this many sequences")
+    ap.add_argument("--search-tol", type=float, default=0.0625,
+                    help="bisection stops when first-fail - last-fit <= max(1, tol * last-fit) sequences")
+    ap.add_argument("--tiny", action="store_true",
+                    help="CPU smoke run: 2 layers, hidden 64, vocab 512, 4x32 tokens, no search")
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON path (default $OUT/step_bench.json, else ./step_bench.json)")
+    ap.add_argument("--plot", default=None, help="PNG path (default: the JSON's path with .png; '' for none)")
+    ap.add_argument("--plot-only", default=None, metavar="JSON", help="re-plot and print the table from a JSON")
+    # internal: worker processes, and a CPU test hook for the search
+    for flag in ("--arch", "--variant", "--ctl"):
+        ap.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--search", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--hard-end", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--fake-oom-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.archs is None:
+        a.archs = "llama3.2-1b" if a.tiny else ",".join(ARCHS)
+    if a.device is None:
+        if a.tiny:
+            a.device = "cpu"
+        else:
+            import torch
+
+            a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.precision is None:
+        a.precision = "bf16" if a.device == "cuda" else "fp32"
+    if a.compile_limit_s is None:
+        a.compile_limit_s = 0.45 * a.budget_s
+    if a.out is None:
+        a.out = os.path.join(os.environ.get("OUT", "."), "step_bench.json")
+    if a.plot is None:
+        a.plot = os.path.splitext(a.plot_only or a.out)[0] + ".png"
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.worker:
+        return worker_main(a)
+    if a.plot_only:
+        with open(a.plot_only) as f:
+            data = json.load(f)
+    else:
+        if a.device == "cpu" and not a.tiny:
+            print("[step_bench] no CUDA: full-size models on the CPU are very slow; try --tiny", flush=True)
+        data = run_all(a)
+    text = table(data)
+    if a.plot:
+        try:
+            plot(data, a.plot)
+            print(f"wrote {a.plot}")
+        except Exception as ex:  # noqa: BLE001
+            print(f"no plot: {_err(ex)}")
+    if not a.plot_only:
+        md = os.path.splitext(a.out)[0] + ".md"
+        with open(md, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote {a.out}, {md}")
+    print()
+    print(text)
+    return data
+
+
+if __name__ == "__main__":
+    main()
