@@ -100,7 +100,9 @@ def _err(ex):
 def _is_oom(ex):
     import torch
 
-    return isinstance(ex, torch.OutOfMemoryError) or (isinstance(ex, RuntimeError) and "out of memory" in str(ex))
+    text = str(ex)
+    return isinstance(ex, torch.OutOfMemoryError) or (isinstance(ex, RuntimeError) and (
+        "out of memory" in text or "ALLOC_FAILED" in text))  # e.g. CUBLAS_STATUS_ALLOC_FAILED
 
 
 def shape_of(a, arch, phase):
@@ -261,7 +263,7 @@ class Worker:
         g = torch.Generator(device=self.device).manual_seed(seed)
         ids = torch.randint(0, self.model.config.vocab_size, (b, s), generator=g, device=self.device)
         if not self.a.static and b >= 2:
-            torch._dynamo.mark_dynamic(ids, 0)
+            torch._dynamo.maybe_mark_dynamic(ids, 0)  # one graph for every batch size (no error if specialized)
         return ids
 
     def sync(self):
@@ -312,7 +314,16 @@ class Worker:
         ids = self.batch(b, s, self.a.seed + 99)
         self.sync()
         t0 = time.perf_counter()
-        self.fwd_bwd(ids)
+        for attempt in range(4):  # the compiles share the GPU: an OOM here is retried (the graph is compiled)
+            try:
+                self.fwd_bwd(ids)
+                break
+            except Exception as ex:  # noqa: BLE001
+                if not _is_oom(ex) or attempt == 3:
+                    raise
+            self.model.zero_grad(set_to_none=True)
+            self.free()
+            time.sleep(10)
         self.sync()
         self.compile_info = dict(compile_s=round(time.perf_counter() - t0, 2), compile_batch=b,
                                  **self.dynamo_stats())
@@ -465,9 +476,6 @@ def worker_main(a):
     except Exception:  # noqa: BLE001
         pass
     w = Worker(a)
-    if w.cuda:  # the parent never touches CUDA (a context there would hold GPU memory all run long)
-        props = torch.cuda.get_device_properties(w.device)
-        emit(type="device", gpu=props.name, gpu_mem_gb=round(props.total_memory / 2**30, 1))
     phases = ["fixed"] + (["search"] if a.search else [])
     try:
         if a.variant in COMPILED:
@@ -489,6 +497,9 @@ def worker_main(a):
         if deadline is None:
             break
         t0 = time.time()
+        if w.cuda and ph == "fixed":  # the parent never touches CUDA (its context would hold GPU memory)
+            props = torch.cuda.get_device_properties(w.device)
+            emit(type="device", gpu=props.name, gpu_mem_gb=round(props.total_memory / 2**30, 1))
         try:
             r = (w.run_fixed if ph == "fixed" else w.run_search)(deadline, emit)
         except Exception as ex:  # noqa: BLE001
@@ -566,6 +577,7 @@ class Orchestrator:
         self.hard_end = t_start + a.budget_s - a.reserve_s
         self.compile_end = t_start + a.compile_limit_s
         self.records = {}
+        self.dirty = True
         self.device_info = {}
         self.children = [Child(arch, v) for arch in archs for v in variants]
         self.fixed_order = list(self.children)  # architecture-major, variants in the given order
@@ -601,6 +613,7 @@ class Orchestrator:
                 self.handle(c, json.loads(line))
 
     def handle(self, c, ev):
+        self.dirty = True
         kind = ev["type"]
         if kind == "state":
             c.state = ev["state"]
@@ -649,6 +662,7 @@ class Orchestrator:
             r[ph] = x
             why = "not run" if why.startswith("time limit") else why
         c.state, c.turn = "done", None
+        self.dirty = True
 
     def grant(self, c, phase):
         now = time.time()
@@ -682,7 +696,7 @@ class Orchestrator:
                 if now > self.hard_end:
                     self.kill(c, "time limit (budget)" if c.turn else "not run (budget)")
                 elif c.state in ("starting", "compiling") and now > self.compile_end:
-                    self.kill(c, f"time limit while compiling (killed after {now - c.t_spawn:.0f} s)")
+                    self.kill(c, f"time limit while compiling (killed {now - c.t_spawn:.0f} s after its start)")
                 elif c.turn and now > c.turn[1] + self.GRACE_S:
                     self.kill(c, f"time limit (killed after {now - c.turn[2]:.0f} s)")
             alive = [c for c in self.children if c.state != "done"]
@@ -700,7 +714,9 @@ class Orchestrator:
                         phase = "search"
                 if nxt is not None:
                     self.grant(nxt, phase)
-            self.save()
+            if self.dirty:
+                self.save()
+                self.dirty = False
             time.sleep(0.25)
         self.save()
 
@@ -746,8 +762,15 @@ def run_all(a):
         return data
 
     orch = Orchestrator(a, archs, variants, search, t_start, save)
+
+    def on_term(signum, frame):  # e.g. an outer `timeout`: kill the workers, keep what was measured
+        raise SystemExit(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         orch.run()
+    except (SystemExit, KeyboardInterrupt) as ex:
+        meta["interrupted"] = str(ex) or type(ex).__name__
     finally:
         for c in orch.children:
             if c.proc and c.proc.poll() is None:
@@ -846,8 +869,9 @@ def plot(data, path):
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)
     m = data["meta"]
-    fig.suptitle(f"one training step, {m.get('gpu', m['device'])}, {m['precision']}, "
-                 f"torch {m['versions'].get('torch')}, {m['date'][:10]} (hatched: lower bound)", fontsize=9)
+    fig.suptitle(f"one training step (forward + backward + AdamW), {m.get('gpu', m['device'])}, {m['precision']}, "
+                 f"torch {m['versions'].get('torch')}, {m['date'][:10]}"
+                 + ("\nhatched: lower bound (search cut short)" if panels[-1][2] == "search" else ""), fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
