@@ -6,8 +6,9 @@ Measured per architecture x variant:
     reset: weights, gradients, optimizer state and activations together), the loss and gradient norm of
     the first step (same initial weights and tokens in every variant: equal within bf16 noise), the
     compile time and what the cce rewrite did;
-  phase "search" (then): the largest tokens/step that fits: the number of sequences at a fixed sequence
-    length is doubled until a step runs out of memory, then bisected; one training step per attempt.
+  phase "search" (then): the largest tokens/step that fits, at the same sequence length: a first
+    attempt at --search-probe (8) times the fixed sequences, then doubling while it fits, else bisection
+    between the largest fit and the least failure; one training step per attempt, out-of-memory caught.
 
 One training step = forward with ``labels=input_ids`` (the model computes its own shifted loss inside
 ``forward``: that is what the rewrite must find), ``loss.backward()``, ``clip_grad_norm_(1.0)``,
@@ -30,12 +31,16 @@ Architectures (random init from configs, no downloads; the released models' shap
 because transformers refuses sdpa for it (attention-logit softcapping).
 
 How the time budget is kept (compiling full-depth models is the slow part, and it is CPU work):
-every (architecture, variant) is its own process. The compiled variants all compile at once, each on a
-2-sequence batch whose batch dimension is marked dynamic (so the same graph serves every batch size,
-no recompile later), then move their weights to the CPU and wait. The GPU is then lent to one process
-at a time: all fixed-phase measurements in order, then the searches (cce and torch.compile first). Each
-turn has a deadline; a process past it is killed and what it reported so far is kept. The JSON is
-rewritten after every turn, so a run cut short still leaves its numbers.
+every (architecture, variant) is its own process. The compiled variants all compile at once,
+"compile-only": the graph for the fixed batch is compiled (forward and backward) but not run, so the
+compiles use CPUs and no GPU memory beyond the weights. The batch dimension is marked dynamic, so the
+same graph serves later batch sizes unless one crosses Inductor's 32-bit indexing guards; that is why
+each compiled variant also compiles, once its fixed turn is over and while the others measure, for the
+search's first (largest) attempt. The GPU is lent to one process at a time: every fixed-phase
+measurement (compiled variants first), then the searches (cce and torch.compile first). Processes
+waiting for a turn keep their weights on the CPU. Each compile and each turn has a deadline; a
+process past it is killed and what it reported is kept. The JSON is rewritten as results arrive, so a
+run cut short still leaves its numbers.
 
     python benchmarks/step_bench.py                          # GPU, all architectures, 480 s budget
     python benchmarks/step_bench.py --archs llama --layers 4 --budget-s 200
@@ -58,6 +63,10 @@ import sys
 import tempfile
 import time
 import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(ROOT, "cce_inductor")) and ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # this checkout's cce_inductor, not another installed copy
 
 VARIANTS = ("eager", "compile", "cce", "liger")
 COMPILED = ("compile", "cce")
@@ -105,16 +114,19 @@ def _is_oom(ex):
         "out of memory" in text or "ALLOC_FAILED" in text))  # e.g. CUBLAS_STATUS_ALLOC_FAILED
 
 
-def shape_of(a, arch, phase):
-    """(sequences, seq len) of the fixed phase, or (first sequences, seq len) of the search."""
+def shape_of(a, arch):
+    """(sequences per step, sequence length) of the fixed phase; the search uses the same length."""
     _, _, _, seq, nseq, _ = ARCHS[arch]
     if a.tiny:
         seq, nseq = TINY_SEQ, TINY_BATCH
-    if phase == "search":
-        s = a.search_seq or a.seq or seq
-        return max(2, (a.tokens // s) if a.tokens else nseq), s
     s = a.seq or seq
     return max(1, (a.tokens // s) if a.tokens else nseq), s
+
+
+def probe_of(a, arch):
+    """Sequences of the search's first attempt: an upper bound, compiled ahead (see Worker.precompile)."""
+    b, _ = shape_of(a, arch)
+    return max(2, min(a.max_seqs, a.search_probe * b))
 
 
 # ============================================================================================ worker
@@ -146,8 +158,20 @@ class RewriteLog(logging.Handler):
             pass
 
 
+class CompileOnly(Exception):
+    """Raised by a compiled graph called in compile-only mode, before it touches any tensor."""
+
+
 class Worker:
-    """One (architecture, variant) in this process: build, compile, fixed-phase measurement, search."""
+    """One (architecture, variant) in this process: build, compile, fixed-phase measurement, search.
+
+    Compiling is done "compile-only": the backend (``"inductor"`` or ``"cce"``, looked up as
+    ``torch.compile`` does) is wrapped so that the graph it returns raises :class:`CompileOnly` instead of
+    running while ``self.compile_only`` is set. Dynamo has installed the graph by then, so the next real
+    call runs it without compiling. This lets every variant compile at once on the CPU at the real batch
+    size (Inductor picks 32-bit or 64-bit indexing from the compile-time sizes and guards on that choice)
+    without any of them using GPU memory for activations.
+    """
 
     def __init__(self, a):
         import torch
@@ -163,7 +187,9 @@ class Worker:
         if lg.getEffectiveLevel() > logging.INFO:
             lg.setLevel(logging.INFO)
         self.model = self.fwd = None
-        self.info, self.compile_info = {}, {}
+        self.compile_only = False
+        self.fixed_fit = False
+        self.info, self.compile_info, self.precompile_info = {}, {}, {}
 
     # ------------------------------------------------------------------------------------ model
     def config(self):
@@ -177,6 +203,29 @@ class Worker:
             kw["num_hidden_layers"] = self.a.layers
         kw["use_cache"] = False
         return getattr(transformers, cfg_name)(**kw)
+
+    def backend(self, name):
+        """``name`` as ``torch.compile(backend=name)`` would run it, with the compile-only switch."""
+        torch = self.torch
+        if name == "inductor" and hasattr(torch, "_TorchCompileInductorWrapper"):
+            inner = torch._TorchCompileInductorWrapper(None, None, None)  # what backend="inductor" becomes
+        else:
+            from torch._dynamo.backends.registry import lookup_backend
+
+            inner = lookup_backend(name)
+
+        def backend_fn(gm, example_inputs, **kwargs):
+            compiled = inner(gm, example_inputs, **kwargs)
+
+            def run(*args):
+                if self.compile_only:
+                    raise CompileOnly()
+                return compiled(*args)
+
+            return run
+
+        backend_fn.__name__ = f"step_bench_{name}"
+        return backend_fn
 
     def build(self):
         """The model on the device (same seed: same weights in every variant) and the forward+loss function."""
@@ -224,8 +273,12 @@ class Worker:
         fwd = loss_fn
         if self.variant in COMPILED:
             if self.variant == "cce":
-                import cce_inductor  # noqa: F401  (registers backend="cce")
-            backend = "cce" if self.variant == "cce" else "inductor"
+                import cce_inductor  # registers backend="cce"
+
+                self.info["cce_inductor"] = os.path.dirname(os.path.abspath(cce_inductor.__file__))
+            if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering"):
+                torch._functorch.config.force_non_lazy_backward_lowering = True  # compile-only covers backward
+            backend = self.backend("cce" if self.variant == "cce" else "inductor")
             if self.a.compile_target == "model":
                 cmodel = torch.compile(model, backend=backend)
 
@@ -235,12 +288,10 @@ class Worker:
                 fwd = torch.compile(loss_fn, backend=backend)
         self.model, self.fwd = model, fwd
 
-    def fwd_bwd(self, ids):
+    def forward(self, ids):
         torch = self.torch
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.a.precision == "autocast"):
-            loss = self.fwd(ids)
-        loss.backward()
-        return loss
+            return self.fwd(ids)
 
     def make_step(self):
         torch = self.torch
@@ -250,7 +301,8 @@ class Worker:
         def step(ids):
             if self.a.fake_oom_tokens and ids.numel() > self.a.fake_oom_tokens:  # tests of the search on a CPU
                 raise torch.OutOfMemoryError(f"fake: {ids.numel()} tokens > {self.a.fake_oom_tokens}")
-            loss = self.fwd_bwd(ids)
+            loss = self.forward(ids)
+            loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -280,7 +332,7 @@ class Worker:
     def offload(self):
         """Weights to the CPU while other processes use the GPU (the compiled graph stays valid)."""
         if self.model is not None:
-            self.model.zero_grad(set_to_none=True)  # the compile step's gradients must not reach the next step
+            self.model.zero_grad(set_to_none=True)
             if self.cuda:
                 self.model.to("cpu")
         self.free()
@@ -305,37 +357,44 @@ class Worker:
         return dict(rewrites=sum(1 for m in lines if m.startswith("cce: rewrote")),
                     misses=sum(1 for m in lines if m.startswith("cce: left")), rewrite_log=lines[:6])
 
+    def compile_at(self, b, s):
+        """Compile (forward and backward) for a ``b x s`` batch without running it; returns seconds."""
+        ids = self.batch(b, s, self.a.seed + 99)
+        t0 = time.perf_counter()
+        self.compile_only = True
+        try:
+            self.forward(ids)
+        except CompileOnly:
+            pass
+        finally:
+            self.compile_only = False
+        return round(time.perf_counter() - t0, 2)
+
     # ------------------------------------------------------------------------------------ phases
     def compile(self):
-        """Build and compile on a 2-sequence batch (forward + backward, no optimizer step)."""
-        b, s = shape_of(self.a, self.arch, "fixed")
-        b = b if self.a.static else 2
+        """Build, compile for the fixed batch, weights back to the CPU."""
+        b, s = shape_of(self.a, self.arch)
         self.build()
-        ids = self.batch(b, s, self.a.seed + 99)
-        self.sync()
-        t0 = time.perf_counter()
-        for attempt in range(4):  # the compiles share the GPU: an OOM here is retried (the graph is compiled)
-            try:
-                self.fwd_bwd(ids)
-                break
-            except Exception as ex:  # noqa: BLE001
-                if not _is_oom(ex) or attempt == 3:
-                    raise
-            self.model.zero_grad(set_to_none=True)
-            self.free()
-            time.sleep(10)
-        self.sync()
-        self.compile_info = dict(compile_s=round(time.perf_counter() - t0, 2), compile_batch=b,
-                                 **self.dynamo_stats())
+        secs = self.compile_at(b, s)
+        self.compile_info = dict(compile_s=secs, **self.dynamo_stats())
         if self.variant == "cce":
             self.compile_info.update(self.rewrite_stats())
-        del ids
         self.offload()
 
-    def run_fixed(self, deadline, emit):
+    def precompile(self):
+        """Compile for the search's first (largest) batch while other variants use the GPU: a larger batch
+        can cross Inductor's 32-bit indexing guards, and that recompile should not eat the search's time."""
+        _, s = shape_of(self.a, self.arch)
+        before = self.dynamo_stats()["graphs"]
+        self.restore()
+        secs = self.compile_at(probe_of(self.a, self.arch), s)
+        self.precompile_info = dict(probe_compile_s=secs, probe_recompiled=self.dynamo_stats()["graphs"] > before)
+        self.offload()
+
+    def run_fixed(self, deadline, emit, go):
         torch, a = self.torch, self.a
-        b, s = shape_of(a, self.arch, "fixed")
-        r = dict(batch=b, seq=s, tokens=b * s)
+        b, s = shape_of(a, self.arch)
+        r = dict(batch=b, seq=s, tokens=b * s, background_compiles=go.get("background_compiles", 0))
         self.restore()
         r.update(self.info, **self.compile_info)
         graphs_before = self.dynamo_stats()["graphs"]
@@ -383,22 +442,26 @@ class Worker:
             r["reserved_mb"] = round(torch.cuda.max_memory_reserved(self.device) / 2**20, 1)
         if self.variant in COMPILED:
             r["recompiled"] = self.dynamo_stats()["graphs"] > graphs_before
-        if self.variant == "cce" and self.a.device == "cpu":
-            r.update(self.rewrite_stats())  # the same lines; also kept here for the --tiny test
+        self.fixed_fit = True
         del opt, step, batches, loss, gn
         return r
 
-    def run_search(self, deadline, emit):
+    def run_search(self, deadline, emit, go):
+        """Largest sequences/step that fits: first the probe (an upper guess), then doubling while it
+        fits, else bisection between the largest fit (the fixed batch, if it fitted) and the least
+        failure, down to ``--search-tol``."""
         torch, a = self.torch, self.a
-        b, s = shape_of(a, self.arch, "search")
+        b_fixed, s = shape_of(a, self.arch)
         self.restore()
-        r = dict(seq=s)
+        r = dict(seq=s, **self.precompile_info)
         if self.cuda:
             free, total = torch.cuda.mem_get_info(self.device)
             r.update(free_mb_at_start=round(free / 2**20), total_mb=round(total / 2**20))
         graphs_before = self.dynamo_stats()["graphs"]
         opt, step = self.make_step()
-        lo, hi, attempts, status, err = 0, None, [], "ok", None
+        lo = b_fixed if self.fixed_fit else 0
+        hi, attempts, status, err = None, [], "ok", None
+        b = probe_of(a, self.arch)
         while True:
             if attempts and time.time() + 2 * attempts[-1]["s"] + 1 > deadline:
                 status = "time limit"
@@ -427,18 +490,18 @@ class Worker:
                 status = "error"
                 break
             if ok:
-                lo = b
+                lo = max(lo, b)
             else:
-                hi = b
-            if hi is None:  # still doubling
+                hi = b if hi is None else min(hi, b)
+            if hi is None:  # everything tried fits: double
                 if b >= a.max_seqs:
                     status = "cap"
                     break
                 b = min(2 * b, a.max_seqs)
             elif lo == 0:  # nothing fitted yet: halve
-                if b <= 1:
+                if hi <= 1:
                     break
-                b = b // 2
+                b = hi // 2
             else:
                 if hi - lo <= max(1, int(lo * a.search_tol)):
                     break
@@ -454,7 +517,7 @@ class Worker:
 
 
 def _wait_go(a, phase):
-    """Block until the parent lends this process the GPU; returns the turn's deadline (None: parent gone)."""
+    """Block until the parent lends this process the GPU; returns the go message (None: parent gone)."""
     path = os.path.join(a.ctl, f"{a.arch}__{a.variant}.go.{phase}")
     parent = os.getppid()
     while not os.path.exists(path):
@@ -462,7 +525,7 @@ def _wait_go(a, phase):
             return None
         time.sleep(0.2)
     with open(path) as f:
-        return json.load(f)["deadline"]
+        return json.load(f)
 
 
 def worker_main(a):
@@ -477,31 +540,39 @@ def worker_main(a):
         pass
     w = Worker(a)
     phases = ["fixed"] + (["search"] if a.search else [])
-    try:
-        if a.variant in COMPILED:
+
+    def fail(ex, where, phases_left):
+        r = dict(status="OOM" if _is_oom(ex) else "error", error=f"{where}: {_err(ex)}",
+                 traceback=traceback.format_exc()[-3000:])
+        for ph in phases_left:
+            emit(type="result", phase=ph, **(dict(r, **w.info, **w.compile_info) if ph == "fixed" else r))
+        emit(type="exit")
+
+    if a.variant in COMPILED:
+        try:
             emit(type="state", state="compiling")
             w.compile()
             emit(type="compiled", **w.compile_info)
-            print(f"[step_bench] {a.arch} {a.variant}: compiled in {w.compile_info['compile_s']} s "
-                  f"(batch {w.compile_info['compile_batch']})", flush=True)
-    except Exception as ex:  # noqa: BLE001
-        r = dict(status="OOM" if _is_oom(ex) else "error", error="compile: " + _err(ex),
-                 traceback=traceback.format_exc()[-3000:])
-        for ph in phases:
-            emit(type="result", phase=ph, **r)
-        emit(type="exit")
-        return
+            print(f"[step_bench] {a.arch} {a.variant}: compiled in {w.compile_info['compile_s']} s", flush=True)
+        except Exception as ex:  # noqa: BLE001
+            return fail(ex, "compile", phases)
     for ph in phases:
+        if ph == "search" and a.variant in COMPILED:
+            try:
+                emit(type="state", state="precompiling")
+                w.precompile()
+            except Exception as ex:  # noqa: BLE001
+                return fail(ex, "compile for the search", ["search"])
         emit(type="ready", phase=ph)
-        deadline = _wait_go(a, ph)
-        if deadline is None:
+        go = _wait_go(a, ph)
+        if go is None:
             break
         t0 = time.time()
         if w.cuda and ph == "fixed":  # the parent never touches CUDA (its context would hold GPU memory)
             props = torch.cuda.get_device_properties(w.device)
             emit(type="device", gpu=props.name, gpu_mem_gb=round(props.total_memory / 2**30, 1))
         try:
-            r = (w.run_fixed if ph == "fixed" else w.run_search)(deadline, emit)
+            r = (w.run_fixed if ph == "fixed" else w.run_search)(go["deadline"], emit, go)
         except Exception as ex:  # noqa: BLE001
             r = dict(status="OOM" if _is_oom(ex) else "error", error=_err(ex), traceback=traceback.format_exc()[-3000:])
             if ph == "fixed":
@@ -535,7 +606,7 @@ def _versions():
             pass
     try:
         out["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+                                    cwd=ROOT, timeout=10).stdout.strip()
     except Exception:  # noqa: BLE001
         pass
     return out
@@ -545,9 +616,10 @@ def _worker_argv(a, arch, variant, search, hard_end):
     argv = [sys.executable, os.path.abspath(__file__), "--worker", "--arch", arch, "--variant", variant,
             "--ctl", a.ctl, "--hard-end", f"{hard_end:.3f}", "--device", a.device, "--precision", a.precision,
             "--attn", a.attn, "--seed", str(a.seed), "--warmup", str(a.warmup), "--steps", str(a.steps),
-            "--compile-target", a.compile_target, "--max-seqs", str(a.max_seqs), "--search-tol", str(a.search_tol)]
+            "--compile-target", a.compile_target, "--max-seqs", str(a.max_seqs), "--search-tol", str(a.search_tol),
+            "--search-probe", str(a.search_probe)]
     for flag, val in (("--layers", a.layers), ("--tokens", a.tokens), ("--seq", a.seq),
-                      ("--search-seq", a.search_seq), ("--fake-oom-tokens", a.fake_oom_tokens)):
+                      ("--fake-oom-tokens", a.fake_oom_tokens)):
         if val:
             argv += [flag, str(val)]
     for flag, val in (("--tiny", a.tiny), ("--static", a.static), ("--grad-ckpt", a.grad_ckpt), ("--search", search)):
@@ -561,29 +633,37 @@ class Child:
         self.arch, self.variant = arch, variant
         self.name = f"{arch}__{variant}"
         self.proc = None
-        self.state = "starting"  # compiling, ready:<phase>, run:<phase>, done
+        # starting, compiling, ready:fixed, run:fixed, precompiling, ready:search, run:search, exiting, done
+        self.state = "starting"
+        self.since = None  # when the current state began
         self.pos = 0
         self.attempts = []
         self.turn = None  # (phase, deadline, started)
-        self.t_spawn = None
         self.compile_info = {}
+
+    def set(self, state):
+        self.state, self.since = state, time.time()
 
 
 class Orchestrator:
+    """Spawns one worker per (architecture, variant), lends them the GPU one at a time, enforces limits."""
+
     GRACE_S = 15.0
+    BUSY = ("starting", "compiling", "precompiling")  # CPU work; compiled workers hold weights on the GPU
 
     def __init__(self, a, archs, variants, search, t_start, save):
         self.a, self.t_start, self.save, self.search = a, t_start, save, search
         self.hard_end = t_start + a.budget_s - a.reserve_s
-        self.compile_end = t_start + a.compile_limit_s
-        self.records = {}
-        self.dirty = True
-        self.device_info = {}
+        self.records, self.device_info, self.dirty = {}, {}, True
         self.children = [Child(arch, v) for arch in archs for v in variants]
-        self.fixed_order = list(self.children)  # architecture-major, variants in the given order
-        search_first = [c for c in self.children if c.variant in COMPILED]
-        search_first.sort(key=lambda c: (archs.index(c.arch), ("cce", "compile").index(c.variant)))
-        self.search_order = search_first + [c for c in self.children if c.variant not in COMPILED]
+        # fixed phase: compiled variants first (their search compiles then overlap the others' turns),
+        # architecture-major; search: cce and torch.compile first
+        key = {v: i for i, v in enumerate(("compile", "cce", "eager", "liger"))}
+        self.fixed_order = sorted(self.children, key=lambda c: (c.variant not in COMPILED, archs.index(c.arch),
+                                                                key[c.variant]))
+        key = {v: i for i, v in enumerate(("cce", "compile", "eager", "liger"))}
+        self.search_order = sorted(self.children, key=lambda c: (c.variant not in COMPILED, archs.index(c.arch),
+                                                                 key[c.variant]))
 
     def rec(self, c):
         return self.records.setdefault((c.arch, c.variant),
@@ -592,12 +672,13 @@ class Orchestrator:
     def spawn_all(self):
         n_compile = sum(c.variant in COMPILED for c in self.children) or 1
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        # compiles run side by side: split the CPU's cores between their Triton compile workers
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (ROOT, env.get("PYTHONPATH")) if x)
+        # the compiles run side by side: split the CPU's cores between their Triton compile workers
         env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 2) // n_compile)))
         for c in sorted(self.children, key=lambda c: c.variant not in COMPILED):
             c.proc = subprocess.Popen(_worker_argv(self.a, c.arch, c.variant, self.search, self.hard_end),
                                       start_new_session=True, env=env)
-            c.t_spawn = time.time()
+            c.set("starting")
 
     def read(self, c):
         path = os.path.join(self.a.ctl, c.name + ".events")
@@ -616,23 +697,20 @@ class Orchestrator:
         self.dirty = True
         kind = ev["type"]
         if kind == "state":
-            c.state = ev["state"]
+            c.set(ev["state"])
         elif kind == "compiled":
             c.compile_info = {k: v for k, v in ev.items() if k not in ("type", "t")}
         elif kind == "ready":
-            c.state = "ready:" + ev["phase"]
+            c.set("ready:" + ev["phase"])
         elif kind == "attempt":
             c.attempts.append({k: ev[k] for k in ("seqs", "tokens", "fits", "peak_mb", "s")})
-        elif kind == "progress":
-            c.progress = ev
-        elif kind == "result":
-            r = {k: v for k, v in ev.items() if k not in ("type", "phase", "t")}
-            self.rec(c)[ev["phase"]] = r
-            c.turn = None
         elif kind == "device":
             self.device_info = {k: v for k, v in ev.items() if k not in ("type", "t")}
+        elif kind == "result":
+            self.rec(c)[ev["phase"]] = {k: v for k, v in ev.items() if k not in ("type", "phase", "t")}
+            c.turn = None
         elif kind == "exit":
-            c.state = "exiting"
+            c.set("exiting")
 
     def kill(self, c, why):
         """Kill a worker (its whole process group: Inductor's compile workers too) and record why."""
@@ -647,9 +725,8 @@ class Orchestrator:
 
     def close(self, c, why):
         """Record ``why`` for every phase this worker did not report."""
-        phases = ["fixed"] + (["search"] if self.search else [])
         r = self.rec(c)
-        for ph in phases:
+        for ph in ["fixed"] + (["search"] if self.search else []):
             if ph in r:
                 continue
             x = dict(status=why, **({} if ph == "search" else c.compile_info))
@@ -657,11 +734,13 @@ class Orchestrator:
                 fits = [t["seqs"] for t in c.attempts if t["fits"]]
                 fails = [t["seqs"] for t in c.attempts if not t["fits"]]
                 seq = c.attempts[0]["tokens"] // c.attempts[0]["seqs"]
-                x.update(seq=seq, max_seqs=max(fits, default=0), max_tokens=max(fits, default=0) * seq,
-                         first_fail_seqs=min(fails, default=None), exact=False, attempts=c.attempts)
+                lo = max(fits + ([r["fixed"]["batch"]] if r.get("fixed", {}).get("status") == "ok" else []), default=0)
+                x.update(seq=seq, max_seqs=lo, max_tokens=lo * seq, first_fail_seqs=min(fails, default=None),
+                         exact=False, attempts=c.attempts)
             r[ph] = x
             why = "not run" if why.startswith("time limit") else why
-        c.state, c.turn = "done", None
+        c.set("done")
+        c.turn = None
         self.dirty = True
 
     def grant(self, c, phase):
@@ -669,17 +748,37 @@ class Orchestrator:
         left = self.hard_end - now
         if phase == "fixed":
             limit = min(self.a.turn_limit_s, left)
-        else:
-            pending = [x for x in self.children if x.state == "ready:search"]
-            limit = min(left, max(left / max(1, len(pending)), min(left, 30.0)))
-        deadline = now + limit
+        else:  # an equal share of what is left for the searches not yet done, at least 30 s
+            pending = [x for x in self.children if x.state != "done" and "search" not in self.rec(x)]
+            limit = min(left, max(left / max(1, len(pending)), 30.0))
+        background = sum(x.state in self.BUSY for x in self.children)
         path = os.path.join(self.a.ctl, f"{c.name}.go.{phase}")
         with open(path + ".tmp", "w") as f:
-            json.dump(dict(deadline=deadline), f)
+            json.dump(dict(deadline=now + limit, background_compiles=background), f)
         os.replace(path + ".tmp", path)
-        c.state, c.turn = "run:" + phase, (phase, deadline, now)
-        print(f"[step_bench] {c.arch} {c.variant} {phase}: GPU turn, limit {limit:.0f} s "
-              f"(elapsed {now - self.t_start:.0f} s)", flush=True)
+        c.set("run:" + phase)
+        c.turn = (phase, now + limit, now)
+        print(f"[step_bench] {c.arch} {c.variant} {phase}: GPU turn, limit {limit:.0f} s, elapsed "
+              f"{now - self.t_start:.0f} s{f', {background} compiling meanwhile' if background else ''}", flush=True)
+
+    def next_turn(self):
+        alive = [c for c in self.children if c.state != "done"]
+        if any(c.state.startswith("run:") for c in alive):
+            return None
+        # no GPU turn while a first compile runs (unless --overlap): clean timing, and the compiling
+        # processes hold their weights on the GPU
+        if any(c.state in ("starting", "compiling") and c.variant in COMPILED for c in alive) and not self.a.overlap:
+            return None
+        c = next((c for c in self.fixed_order if c.state == "ready:fixed"), None)
+        if c is not None:
+            return c, "fixed"
+        if any(c.state in ("starting", "compiling", "ready:fixed") for c in alive):
+            return None
+        # searches: after every fixed turn, and never beside a compile (its weights would sit on the GPU)
+        if any(c.state in self.BUSY for c in alive):
+            return None
+        c = next((c for c in self.search_order if c.state == "ready:search"), None)
+        return (c, "search") if c is not None else None
 
     def run(self):
         self.spawn_all()
@@ -695,25 +794,18 @@ class Orchestrator:
                     continue
                 if now > self.hard_end:
                     self.kill(c, "time limit (budget)" if c.turn else "not run (budget)")
-                elif c.state in ("starting", "compiling") and now > self.compile_end:
-                    self.kill(c, f"time limit while compiling (killed {now - c.t_spawn:.0f} s after its start)")
+                elif c.state in ("starting", "compiling") and c.variant in COMPILED \
+                        and now > self.t_start + self.a.compile_limit_s:
+                    self.kill(c, f"time limit while compiling (killed {now - self.t_start:.0f} s into the run)")
+                elif c.state == "precompiling" and now > c.since + self.a.compile_limit_s:
+                    self.kill(c, f"time limit while compiling for the search (killed after {now - c.since:.0f} s)")
                 elif c.turn and now > c.turn[1] + self.GRACE_S:
                     self.kill(c, f"time limit (killed after {now - c.turn[2]:.0f} s)")
-            alive = [c for c in self.children if c.state != "done"]
-            if not alive:
+            if all(c.state == "done" for c in self.children):
                 break
-            if not any(c.state.startswith("run:") for c in alive):
-                compiling = any(c.state in ("starting", "compiling") and c.variant in COMPILED for c in alive)
-                nxt = None
-                if not compiling or self.a.overlap:
-                    nxt = next((c for c in self.fixed_order if c.state == "ready:fixed"), None)
-                    phase = "fixed"
-                    fixed_pending = any(c.state in ("starting", "compiling", "ready:fixed") for c in alive)
-                    if nxt is None and not fixed_pending:
-                        nxt = next((c for c in self.search_order if c.state == "ready:search"), None)
-                        phase = "search"
-                if nxt is not None:
-                    self.grant(nxt, phase)
+            nxt = self.next_turn()
+            if nxt is not None:
+                self.grant(*nxt)
             if self.dirty:
                 self.save()
                 self.dirty = False
@@ -740,7 +832,7 @@ def run_all(a):
         elif importlib.util.find_spec("liger_kernel") is None:
             skipped["liger"] = "liger_kernel not importable"
     variants = [v for v in variants if v not in skipped]
-    search = not a.no_search and (a.device == "cuda" or bool(a.fake_oom_tokens)) and not (a.tiny and not a.fake_oom_tokens)
+    search = not a.no_search and (a.device == "cuda" and not a.tiny or bool(a.fake_oom_tokens))
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), argv=sys.argv[1:], versions=_versions(),
                 device=a.device, precision=a.precision, compile_target=a.compile_target,
                 dynamic_batch=not a.static, grad_ckpt=a.grad_ckpt, budget_s=a.budget_s, skipped=skipped,
@@ -845,9 +937,10 @@ def plot(data, path):
                lambda r: None if _get(r, "search", "max_tokens") is None else _get(r, "search", "max_tokens") / 1e3,
                "search")]
     panels = [p for p in panels if any(p[1](r) is not None for r in res)] or panels[:1]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
     width = 0.8 / max(1, len(variants))
     for ax, (title, get, phase) in zip(axes[0], panels):
+        top = 0.0
         for j, v in enumerate(variants):
             for i, arch in enumerate(archs):
                 r = next((x for x in res if x["arch"] == arch and x["variant"] == v), None)
@@ -862,17 +955,20 @@ def plot(data, path):
                     continue
                 hatch = "//" if phase == "search" and not (r.get("search") or {}).get("exact") else None
                 ax.bar(x, y, width, color=f"C{j}", hatch=hatch, label=LABELS[v] if i == 0 else None)
+                top = max(top, y)
                 ax.annotate(f"{y:.0f}" if y >= 10 else f"{y:.2f}", (x, y), ha="center", va="bottom", fontsize=6)
         ax.set_xticks(range(len(archs)))
         ax.set_xticklabels(archs, fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.set_ylim(0, top * 1.12 or 1)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     m = data["meta"]
     fig.suptitle(f"one training step (forward + backward + AdamW), {m.get('gpu', m['device'])}, {m['precision']}, "
                  f"torch {m['versions'].get('torch')}, {m['date'][:10]}"
                  + ("\nhatched: lower bound (search cut short)" if panels[-1][2] == "search" else ""), fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -891,25 +987,27 @@ def parse_args(argv=None):
     ap.add_argument("--tokens", type=int, default=None,
                     help="tokens/step of the fixed phase (default: 8 sequences of --seq; the search starts there)")
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default 2048; gemma2 1024; tiny 32)")
-    ap.add_argument("--search-seq", type=int, default=None, help="sequence length of the search (default --seq)")
     ap.add_argument("--precision", default=None, choices=["bf16", "fp32", "autocast"],
                     help="bf16 weights (GPU default), fp32 (CPU default), or fp32 weights + bf16 autocast")
     ap.add_argument("--attn", default="sdpa", help="attention implementation (eager where transformers refuses it)")
     ap.add_argument("--compile-target", default="loss", choices=["loss", "model"],
                     help="loss: torch.compile(lambda ids: model(ids, labels=ids).loss); model: torch.compile(model)")
     ap.add_argument("--static", action="store_true",
-                    help="no dynamic batch dim: compile at the fixed batch (the search then recompiles)")
+                    help="do not mark the batch dimension dynamic (the search then compiles once per size)")
     ap.add_argument("--grad-ckpt", action="store_true", help="HF gradient checkpointing (use_reentrant=False)")
     ap.add_argument("--warmup", type=int, default=2, help="steps at the fixed size before timing")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run")
     ap.add_argument("--reserve-s", type=float, default=10.0, help="kept at the end for the JSON, table and plot")
     ap.add_argument("--compile-limit-s", type=float, default=None,
-                    help="compiles still running after this many seconds are killed (default 45%% of the budget)")
+                    help="a compile still running this many seconds into the run is killed; also the limit of "
+                         "each search compile (default 45%% of the budget)")
     ap.add_argument("--turn-limit-s", type=float, default=120.0, help="time limit of one fixed-phase measurement")
     ap.add_argument("--overlap", action="store_true",
                     help="measure while other variants still compile (faster; timing and memory less clean)")
     ap.add_argument("--no-search", action="store_true", help="skip the max-tokens search")
+    ap.add_argument("--search-probe", type=int, default=8,
+                    help="the search's first attempt: this many times the fixed sequences/step (compiled ahead)")
     ap.add_argument("--max-seqs", type=int, default=512, help="the search stops at this many sequences")
     ap.add_argument("--search-tol", type=float, default=0.0625,
                     help="bisection stops when first-fail - last-fit <= max(1, tol * last-fit) sequences")
