@@ -371,11 +371,11 @@ class Worker:
         return round(time.perf_counter() - t0, 2)
 
     # ------------------------------------------------------------------------------------ phases
-    def compile(self):
-        """Build, compile for the fixed batch, weights back to the CPU."""
+    def compile(self, probe=False):
+        """Build, compile for the fixed batch (or the search's first one), weights back to the CPU."""
         b, s = shape_of(self.a, self.arch)
         self.build()
-        secs = self.compile_at(b, s)
+        secs = self.compile_at(probe_of(self.a, self.arch) if probe else b, s)
         self.compile_info = dict(compile_s=secs, **self.dynamo_stats())
         if self.variant == "cce":
             self.compile_info.update(self.rewrite_stats())
@@ -454,6 +454,8 @@ class Worker:
         b_fixed, s = shape_of(a, self.arch)
         self.restore()
         r = dict(seq=s, **self.precompile_info)
+        if "fixed" not in a.run_phases:  # search-only run: the compile and the rewrite are reported here
+            r.update(self.info, **self.compile_info)
         if self.cuda:
             free, total = torch.cuda.mem_get_info(self.device)
             r.update(free_mb_at_start=round(free / 2**20), total_mb=round(total / 2**20))
@@ -539,7 +541,7 @@ def worker_main(a):
     except Exception:  # noqa: BLE001
         pass
     w = Worker(a)
-    phases = ["fixed"] + (["search"] if a.search else [])
+    phases = a.run_phases.split(",")
 
     def fail(ex, where, phases_left):
         r = dict(status="OOM" if _is_oom(ex) else "error", error=f"{where}: {_err(ex)}",
@@ -551,13 +553,13 @@ def worker_main(a):
     if a.variant in COMPILED:
         try:
             emit(type="state", state="compiling")
-            w.compile()
+            w.compile(probe="fixed" not in phases)
             emit(type="compiled", **w.compile_info)
             print(f"[step_bench] {a.arch} {a.variant}: compiled in {w.compile_info['compile_s']} s", flush=True)
         except Exception as ex:  # noqa: BLE001
             return fail(ex, "compile", phases)
     for ph in phases:
-        if ph == "search" and a.variant in COMPILED:
+        if ph == "search" and a.variant in COMPILED and "fixed" in phases:
             try:
                 emit(type="state", state="precompiling")
                 w.precompile()
@@ -612,7 +614,7 @@ def _versions():
     return out
 
 
-def _worker_argv(a, arch, variant, search, hard_end):
+def _worker_argv(a, arch, variant, phases, hard_end):
     argv = [sys.executable, os.path.abspath(__file__), "--worker", "--arch", arch, "--variant", variant,
             "--ctl", a.ctl, "--hard-end", f"{hard_end:.3f}", "--device", a.device, "--precision", a.precision,
             "--attn", a.attn, "--seed", str(a.seed), "--warmup", str(a.warmup), "--steps", str(a.steps),
@@ -622,7 +624,8 @@ def _worker_argv(a, arch, variant, search, hard_end):
                       ("--fake-oom-tokens", a.fake_oom_tokens)):
         if val:
             argv += [flag, str(val)]
-    for flag, val in (("--tiny", a.tiny), ("--static", a.static), ("--grad-ckpt", a.grad_ckpt), ("--search", search)):
+    argv += ["--run-phases", ",".join(phases)]
+    for flag, val in (("--tiny", a.tiny), ("--static", a.static), ("--grad-ckpt", a.grad_ckpt)):
         if val:
             argv.append(flag)
     return argv
@@ -651,8 +654,8 @@ class Orchestrator:
     GRACE_S = 15.0
     BUSY = ("starting", "compiling", "precompiling")  # CPU work; compiled workers hold weights on the GPU
 
-    def __init__(self, a, archs, variants, search, t_start, save):
-        self.a, self.t_start, self.save, self.search = a, t_start, save, search
+    def __init__(self, a, archs, variants, phases, t_start, save):
+        self.a, self.t_start, self.save, self.phases = a, t_start, save, phases
         self.hard_end = t_start + a.budget_s - a.reserve_s
         self.records, self.device_info, self.dirty = {}, {}, True
         self.children = [Child(arch, v) for arch in archs for v in variants]
@@ -676,7 +679,7 @@ class Orchestrator:
         # the compiles run side by side: split the CPU's cores between their Triton compile workers
         env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 2) // n_compile)))
         for c in sorted(self.children, key=lambda c: c.variant not in COMPILED):
-            c.proc = subprocess.Popen(_worker_argv(self.a, c.arch, c.variant, self.search, self.hard_end),
+            c.proc = subprocess.Popen(_worker_argv(self.a, c.arch, c.variant, self.phases, self.hard_end),
                                       start_new_session=True, env=env)
             c.set("starting")
 
@@ -726,7 +729,7 @@ class Orchestrator:
     def close(self, c, why):
         """Record ``why`` for every phase this worker did not report."""
         r = self.rec(c)
-        for ph in ["fixed"] + (["search"] if self.search else []):
+        for ph in self.phases:
             if ph in r:
                 continue
             x = dict(status=why, **({} if ph == "search" else c.compile_info))
@@ -832,9 +835,16 @@ def run_all(a):
         elif importlib.util.find_spec("liger_kernel") is None:
             skipped["liger"] = "liger_kernel not importable"
     variants = [v for v in variants if v not in skipped]
-    search = not a.no_search and (a.device == "cuda" and not a.tiny or bool(a.fake_oom_tokens))
+    phases = [p for p in a.phases.split(",") if p]
+    for p in phases:
+        if p not in ("fixed", "search"):
+            raise SystemExit(f"unknown phase {p!r}; known: fixed, search")
+    if "search" in phases and not (a.device == "cuda" and not a.tiny or a.fake_oom_tokens):
+        phases.remove("search")  # no out-of-memory to find on a CPU
+    if not phases:
+        raise SystemExit("nothing to run: --phases search needs CUDA")
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), argv=sys.argv[1:], versions=_versions(),
-                device=a.device, precision=a.precision, compile_target=a.compile_target,
+                device=a.device, phases=phases, precision=a.precision, compile_target=a.compile_target,
                 dynamic_batch=not a.static, grad_ckpt=a.grad_ckpt, budget_s=a.budget_s, skipped=skipped,
                 step="forward(labels=input_ids) + backward + clip_grad_norm_(1.0) + AdamW.step"
                      + (" (fused)" if a.device == "cuda" else ""),
@@ -853,7 +863,7 @@ def run_all(a):
         os.replace(a.out + ".tmp", a.out)
         return data
 
-    orch = Orchestrator(a, archs, variants, search, t_start, save)
+    orch = Orchestrator(a, archs, variants, phases, t_start, save)
 
     def on_term(signum, frame):  # e.g. an outer `timeout`: kill the workers, keep what was measured
         raise SystemExit(f"signal {signum}")
@@ -882,6 +892,31 @@ def _get(r, phase, key):
     return (r.get(phase) or {}).get(key)
 
 
+def load(spec):
+    """One JSON, or several (comma-separated) merged per (architecture, variant): e.g. a ``--phases fixed``
+    run and a ``--phases search`` run. A phase that is "ok" in a later file replaces one that is not."""
+    datas = []
+    for path in spec.split(","):
+        with open(path) as f:
+            datas.append(json.load(f))
+    if len(datas) == 1:
+        return datas[0]
+    meta = dict(datas[0]["meta"], merged_from=spec.split(","),
+                phases=sorted({p for d in datas for p in d["meta"].get("phases", [])}),
+                elapsed_s=round(sum(d["meta"].get("elapsed_s") or 0 for d in datas), 1))
+    recs = {}
+    for d in datas:
+        for r in d["results"]:
+            x = recs.setdefault((r["arch"], r["variant"]), {k: r[k] for k in ("arch", "variant", "label")})
+            for ph in ("fixed", "search"):
+                if ph in r and (ph not in x or x[ph].get("status") != "ok"):
+                    x[ph] = r[ph]
+    order = list(ARCHS)
+    results = sorted(recs.values(), key=lambda r: (order.index(r["arch"]) if r["arch"] in order else 99,
+                                                    VARIANTS.index(r["variant"])))
+    return dict(meta=meta, results=results)
+
+
 def table(data):
     """The markdown table: one row per architecture x variant."""
     rows = data["results"]
@@ -900,9 +935,10 @@ def table(data):
                 mt = "≥ " + mt + f" [{s.get('status')}]"
         else:
             mt = s.get("status", "")
-        graphs = f"{f['graphs']} / {f['graph_breaks']}" if "graphs" in f else ""
-        rw = f"{f['rewrites']} ({f['misses']} missed)" if r["variant"] == "cce" and "rewrites" in f else ""
-        status = f.get("status", "")
+        c = f if "fixed" in r else s  # compile facts: from the fixed phase, else from a search-only run
+        graphs = f"{c['graphs']} / {c['graph_breaks']}" if "graphs" in c else ""
+        rw = f"{c['rewrites']} ({c['misses']} missed)" if r["variant"] == "cce" and "rewrites" in c else ""
+        status = f.get("status", "") if "fixed" in r else s.get("status", "")
         if f.get("error"):
             status += ": " + f["error"][:80].replace("|", "/")
         if f.get("recompiled"):
@@ -910,7 +946,7 @@ def table(data):
         peak = f.get("peak_mb")
         cells = [r["arch"], r["label"], tok, _f(ms, ".1f"), _f(ms / ref if ms is not None and ref else None, ".2f"),
                  _f(peak / 1024 if peak is not None else None, ".2f"), _f(f.get("loss_first"), ".4f"),
-                 _f(f.get("grad_norm_first"), ".4f"), _f(f.get("compile_s"), ".1f"), graphs, rw, mt, status]
+                 _f(f.get("grad_norm_first"), ".4f"), _f(c.get("compile_s"), ".1f"), graphs, rw, mt, status]
         lines.append("| " + " | ".join(cells) + " |")
     m = data["meta"]
     head = (f"{m.get('gpu', m['device'])}, {m['precision']}, torch {m['versions'].get('torch')}, transformers "
@@ -1005,7 +1041,9 @@ def parse_args(argv=None):
     ap.add_argument("--turn-limit-s", type=float, default=120.0, help="time limit of one fixed-phase measurement")
     ap.add_argument("--overlap", action="store_true",
                     help="measure while other variants still compile (faster; timing and memory less clean)")
-    ap.add_argument("--no-search", action="store_true", help="skip the max-tokens search")
+    ap.add_argument("--phases", default="fixed,search",
+                    help="fixed (step time and memory at a fixed size), search (max tokens/step), or both; "
+                         "search needs CUDA. Two runs (one each) can be merged by --plot-only a.json,b.json")
     ap.add_argument("--search-probe", type=int, default=8,
                     help="the search's first attempt: this many times the fixed sequences/step (compiled ahead)")
     ap.add_argument("--max-seqs", type=int, default=512, help="the search stops at this many sequences")
@@ -1017,12 +1055,13 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/step_bench.json, else ./step_bench.json)")
     ap.add_argument("--plot", default=None, help="PNG path (default: the JSON's path with .png; '' for none)")
-    ap.add_argument("--plot-only", default=None, metavar="JSON", help="re-plot and print the table from a JSON")
+    ap.add_argument("--plot-only", default=None, metavar="JSON[,JSON]",
+                    help="re-plot and print the table from a JSON (or several, merged)")
     # internal: worker processes, and a CPU test hook for the search
     for flag in ("--arch", "--variant", "--ctl"):
         ap.add_argument(flag, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--search", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--run-phases", default="fixed", help=argparse.SUPPRESS)
     ap.add_argument("--hard-end", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--fake-oom-tokens", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -1038,11 +1077,12 @@ def parse_args(argv=None):
     if a.precision is None:
         a.precision = "bf16" if a.device == "cuda" else "fp32"
     if a.compile_limit_s is None:
-        a.compile_limit_s = 0.45 * a.budget_s
+        a.compile_limit_s = (0.45 if "," in a.phases else 0.6) * a.budget_s
     if a.out is None:
         a.out = os.path.join(os.environ.get("OUT", "."), "step_bench.json")
     if a.plot is None:
-        a.plot = os.path.splitext(a.plot_only or a.out)[0] + ".png"
+        a.plot = os.path.splitext((a.plot_only or a.out).split(",")[0])[0] + ("_merged" if "," in (a.plot_only or "")
+                                                                             else "") + ".png"
     return a
 
 
@@ -1051,8 +1091,7 @@ def main(argv=None):
     if a.worker:
         return worker_main(a)
     if a.plot_only:
-        with open(a.plot_only) as f:
-            data = json.load(f)
+        data = load(a.plot_only)
     else:
         if a.device == "cpu" and not a.tiny:
             print("[step_bench] no CUDA: full-size models on the CPU are very slow; try --tiny", flush=True)
