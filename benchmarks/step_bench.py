@@ -207,12 +207,14 @@ class Worker:
     def backend(self, name):
         """``name`` as ``torch.compile(backend=name)`` would run it, with the compile-only switch."""
         torch = self.torch
-        if name == "inductor" and hasattr(torch, "_TorchCompileInductorWrapper"):
-            inner = torch._TorchCompileInductorWrapper(None, None, None)  # what backend="inductor" becomes
-        else:
-            from torch._dynamo.backends.registry import lookup_backend
+        from torch._dynamo.backends.registry import lookup_backend
 
-            inner = lookup_backend(name)
+        inner = lookup_backend(name)
+        if name == "inductor":
+            try:  # exactly what torch.compile(backend="inductor") builds (private; same compile_fx either way)
+                inner = torch._TorchCompileInductorWrapper(None, None, None)
+            except Exception:  # noqa: BLE001
+                pass
 
         def backend_fn(gm, example_inputs, **kwargs):
             compiled = inner(gm, example_inputs, **kwargs)
@@ -235,7 +237,12 @@ class Worker:
         cfg = self.config()
         cls = getattr(transformers, ARCHS[self.arch][1])
         model, refused = None, None
-        for impl in dict.fromkeys((self.a.attn, "eager")):
+        impls = (self.a.attn, "eager")
+        if self.a.attn == "sdpa" and getattr(cfg, "attn_logit_softcapping", None):
+            # Gemma 2: sdpa cannot apply the attention-logit softcap (transformers 5.24 refuses sdpa for it;
+            # a version that accepted it would silently drop the softcap): eager, as transformers advises
+            impls, refused = ("eager",), "sdpa cannot apply attn_logit_softcapping"
+        for impl in dict.fromkeys(impls):
             cfg._attn_implementation = impl
             torch.manual_seed(self.a.seed)
             prev = torch.get_default_dtype()
@@ -261,7 +268,7 @@ class Worker:
                          param_dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                          tied=model.lm_head.weight is model.get_input_embeddings().weight)
         if model.config._attn_implementation != self.a.attn:
-            self.info["attn_note"] = f"{self.a.attn} refused by transformers: {refused}"
+            self.info["attn_note"] = f"{self.a.attn} not used: {refused}"
         if self.variant == "liger":
             import liger_kernel.transformers as lk
 
@@ -952,8 +959,15 @@ def table(data):
     head = (f"{m.get('gpu', m['device'])}, {m['precision']}, torch {m['versions'].get('torch')}, transformers "
             f"{m['versions'].get('transformers')}, {m['date']}, {m.get('elapsed_s')} s; step = {m['step']}; "
             f"compiled: {m['compiled']}{' (batch dim dynamic)' if m.get('dynamic_batch') else ''}")
+    models = {}
+    for r in rows:
+        x = next((r[ph] for ph in ("fixed", "search") if (r.get(ph) or {}).get("params_M")), None)
+        if x and r["arch"] not in models:
+            models[r["arch"]] = (f"{r['arch']} {x['params_M']}M params, {x['layers']} layers, V={x['vocab']}, "
+                                 f"{x['param_dtype']}, attention {x['attn_impl']}")
     skipped = m.get("skipped") or {}
-    tail = [f"\nnot run: {', '.join(f'{k} ({v})' for k, v in skipped.items())}"] if skipped else []
+    tail = ([""] + ["models: " + "; ".join(models.values())] if models else []) + \
+        ([f"not run: {', '.join(f'{k} ({v})' for k, v in skipped.items())}"] if skipped else [])
     return "\n".join([head, ""] + lines + tail)
 
 
@@ -1021,7 +1035,7 @@ def parse_args(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (default: the real depth)")
     ap.add_argument("--tokens", type=int, default=None,
-                    help="tokens/step of the fixed phase (default: 8 sequences of --seq; the search starts there)")
+                    help="tokens/step of the fixed phase (default: 8 sequences of --seq)")
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default 2048; gemma2 1024; tiny 32)")
     ap.add_argument("--precision", default=None, choices=["bf16", "fp32", "autocast"],
                     help="bf16 weights (GPU default), fp32 (CPU default), or fp32 weights + bf16 autocast")
