@@ -14,6 +14,7 @@ else
   export PYTHONPATH=$PWD
 fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+[ "${STEP_BENCH:-0}" = 1 ] && { timeout 580 python3 benchmarks/step_bench.py --budget-s "${STEP_BENCH_BUDGET:-540}" ${STEP_BENCH_ARGS:-} > "$OUT/step_bench.log" 2>&1; tail -40 "$OUT/step_bench.log"; exit 0; }  # only the step benchmark (STEP_BENCH.md)
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_rewrite_cuda.py 2>&1 | tail -15 | tee "$OUT/cuda_tests.log"
 [ -f .bench/peers.py ] && timeout 170 python3 .bench/peers.py --regimes zipf --reps 100 > "$OUT/peers.log" 2>&1
 tail -12 "$OUT/peers.log"
