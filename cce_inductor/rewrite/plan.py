@@ -123,8 +123,8 @@ def _plan_dtypes(m: Match, regions: Regions, bias: Optional[Node]) -> tuple[torc
         operands.append(("bias", mm.bias))
     for name, node in operands:
         dt = _dtype(node)
-        effective = amp if (amp is not None and dt in _AUTOCAST_ELIGIBLE) else dt
-        if effective != compute:
+        cast_by_autocast = amp is not None and dt in _AUTOCAST_ELIGIBLE and amp == compute
+        if dt != compute and not cast_by_autocast:  # (einsum with D=1 is a mul: autocast leaves it alone)
             raise Miss(f"the matmul's {name} is {dt} but it computes in {compute} with no autocast cast between "
                        "(eager rejects mixed dtypes here)")
     # The op computes in float32 (float64 for float64 inputs). Steps eager computes in a wider dtype agree
