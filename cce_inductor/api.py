@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fast_path as _fast_path  # noqa: F401  (registers torch.ops.cce.fast_linear_cross_entropy)
 from . import op as _op  # noqa: F401  (registers torch.ops.cce.*)
 from .options import LossOptions
 
@@ -80,7 +81,8 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                         softcap: Optional[float] = None, logit_scale: float = 1.0, return_lse: bool = False):
+                         softcap: Optional[float] = None, logit_scale: float = 1.0, return_lse: bool = False,
+                         path: Optional[str] = None):
     """Cross-entropy of ``softcap(logit_scale * F.linear(hidden, weight, bias))`` without storing the logits.
 
     Equal to::
@@ -97,6 +99,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     (float32, ``hidden.shape[:-1]``, differentiable: a z-loss can use it).
 
     Under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype, as ``F.linear`` would.
+
+    ``path``: "auto" | "fast" | "low_memory" (None: ``cce_inductor.config.path``). The fast path (3 matmuls,
+    gradients formed in the forward) serves scalar losses ("mean"/"sum", no lse) that need a gradient; see
+    ``cce_inductor.paths``.
     """
     amp_dtype = _autocast_dtype(hidden.device.type)
     if amp_dtype is not None:
@@ -110,6 +116,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
 
     lead_shape = hidden.shape[:-1]
     flat_targets = targets.reshape(-1)
+    fast = _fast_path_call(hidden, weight, bias, flat_targets, ignore_index, label_smoothing, softcap, logit_scale,
+                           reduction, return_lse, path)
+    if fast is not None:
+        return fast
     loss, lse = torch.ops.cce.linear_cross_entropy_forward(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, ignore_index, float(label_smoothing),
         None if softcap is None else float(softcap), float(logit_scale))
@@ -121,6 +131,26 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
         loss = loss.sum() / (flat_targets != ignore_index).sum()
     if return_lse:
         return loss, lse.reshape(lead_shape)
+    return loss
+
+
+def _fast_path_call(hidden, weight, bias, flat_targets, ignore_index, label_smoothing, softcap, logit_scale,
+                    reduction, return_lse, path):
+    """The fast path's op when it applies (decided from flags only, never from sizes: static under
+    torch.compile; the op itself picks its scheme from the actual sizes), else None."""
+    from . import config
+    from .paths import PATHS
+
+    path = config.path if path is None else path
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    wants = [t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    if path == "low_memory" or reduction == "none" or return_lse or not (torch.is_grad_enabled() and any(wants)):
+        return None
+    loss, _, _, _ = torch.ops.cce.fast_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, ignore_index, float(label_smoothing),
+        None if softcap is None else float(softcap), float(logit_scale), reduction, wants[0], wants[1], wants[2],
+        path)
     return loss
 
 
