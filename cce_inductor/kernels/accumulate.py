@@ -122,7 +122,7 @@ def _accumulate_kernel(
             odd = (byte << 24) >> 28
             q = tl.reshape(tl.join(even, odd), (BLOCK_M, BLOCK_N)).to(tl.float32)
             acc += q * remainder_unit(old, UNIT_SCALE, UNIT_MIN)
-    hi = acc.to(hi_ptr.dtype.element_ty)
+    hi = acc.to(hi_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # explicit: the interpreter truncates
     tl.store(hi_ptr + offs, hi, mask=mask)
     if not LAST:
         if LO_MODE == 1 or LO_MODE == 3:
@@ -138,7 +138,8 @@ def _accumulate_kernel(
                 byte = (even & 0xF) | ((odd & 0xF) << 4)
                 tl.store(lo_ptr + lo_offs, byte.to(tl.uint8), mask=lo_mask)
         elif LO_MODE == 2:
-            tl.store(lo_ptr + lo_offs, (acc - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=lo_mask)
+            tl.store(lo_ptr + lo_offs, (acc - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                     mask=lo_mask)
 
 
 def new_remainder(rows: int, cols: int, mode: str, dtype: torch.dtype, device) -> torch.Tensor:

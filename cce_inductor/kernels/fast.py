@@ -116,7 +116,7 @@ def _rows_kernel(
                 g = g * (1.0 - zc * zc)
             if HAS_SCALE:
                 g = g * scale
-            tl.store(zrow + offs, g.to(z_ptr.dtype.element_ty), mask=mask)
+            tl.store(zrow + offs, g.to(z_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def _rows(z, bias_in_kernel, targets, coef, loss, lse, opts: LossOptions, cfg: KernelConfig):
