@@ -122,18 +122,17 @@ def fast_linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Ten
     with _autocast_off(hidden), torch.no_grad():
         loss, dh, dw, db = run_fast(hidden, weight, bias, targets, opts, reduction, need_d_hidden, need_d_weight,
                                     need_d_bias and bias is not None, path)
-    empty = hidden.new_empty(0)
-    return loss, (empty if dh is None else dh), (empty if dw is None else dw), (empty if db is None else db)
+    empty = hidden.new_empty  # a distinct empty tensor per missing output (outputs may not alias)
+    return loss, (empty(0) if dh is None else dh), (empty(0) if dw is None else dw), (empty(0) if db is None else db)
 
 
 @fast_linear_cross_entropy.register_fake
 def _(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale, reduction, need_d_hidden,
       need_d_weight, need_d_bias, path="auto"):
     stat = chunked_torch.stat_dtype(hidden)
-    empty = hidden.new_empty(0)
-    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_d_hidden else empty
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_d_weight else empty
-    db = hidden.new_empty(weight.shape[0], dtype=stat) if (need_d_bias and bias is not None) else empty
+    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_d_hidden else hidden.new_empty(0)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_d_weight else hidden.new_empty(0)
+    db = hidden.new_empty(weight.shape[0], dtype=stat) if (need_d_bias and bias is not None) else hidden.new_empty(0)
     return hidden.new_empty((), dtype=stat), dh, dw, db
 
 
