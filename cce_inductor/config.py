@@ -43,13 +43,14 @@ fast_path_tokens_per_chunk: Optional[int] = None
 # (int8 when it costs no extra chunk, else int4).
 fast_path_remainder: str = "auto"
 
-# Forward without gradient (evaluation): "fused" (one Triton kernel: matmul + online log-sum-exp, no
-# logits in memory), "chunked" (cuBLAS logits per token chunk + a Triton row kernel), or "auto"
-# (chunked on CUDA, where cuBLAS is the faster matmul; fused elsewhere).
-forward_no_grad: str = "auto"
+# Per-token forward of the low-memory op (the forward without gradient, and the low-memory path's forward
+# in training): "fused" (one Triton kernel: matmul + online log-sum-exp, no logits in memory), "chunked"
+# (cuBLAS logits per token chunk + a Triton row kernel; one [chunk, V] buffer), or "auto" (chunked on CUDA,
+# where cuBLAS is the faster matmul; fused under the Triton interpreter).
+forward_kernel: str = "auto"
 
-# Bytes of the logits chunk of the "chunked" no-grad forward.
-forward_no_grad_chunk_bytes: int = 256 * 2**20
+# Bytes of the logits chunk of the "chunked" forward.
+forward_chunk_bytes: int = 256 * 2**20
 
 # d_hidden of the low-memory path's backward: "triton" (hi + remainder accumulator kernel, default) or
 # "cublas_fp32" (cuBLAS with an fp32 output into an fp32 N x D accumulator: N*D*4 bytes more memory).

@@ -78,26 +78,26 @@ def run_fast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
                                      need_d_weight=need_d_weight, need_d_bias=need_d_bias)
     else:
         plan = plan_fast(N, D, V, hidden.dtype, force=path == "fast")
-        out = None
-        if plan is not None:
-            from .kernels.fast import triton_fast_forward
+        try:
+            if plan is not None:
+                from .kernels.fast import triton_fast_forward
 
-            try:
                 out = triton_fast_forward(hidden, weight, bias, targets, opts, reduction=reduction,
                                           tokens_per_chunk=plan.tokens_per_chunk, remainder=plan.remainder,
                                           need_d_hidden=need_d_hidden, need_d_weight=need_d_weight,
                                           need_d_bias=need_d_bias)
-            except Exception as ex:  # noqa: BLE001 - e.g. triton OutOfResources on an unknown device
-                if not _is_out_of_resources(ex):
-                    raise
-                log.warning("cce_inductor: the fast path's Triton kernel does not fit this device (%s); "
-                            "using the PyTorch fast path", ex)
-                out = fast_torch.forward(hidden, weight, bias, targets, opts, reduction,
-                                         need_d_hidden=need_d_hidden, need_d_weight=need_d_weight,
-                                         need_d_bias=need_d_bias, tokens_per_chunk=plan.tokens_per_chunk)
-        if out is None:
-            out = _low_memory_in_forward(hidden, weight, bias, targets, opts, reduction, need_d_hidden,
-                                         need_d_weight, triton=True)
+            else:
+                out = _low_memory_in_forward(hidden, weight, bias, targets, opts, reduction, need_d_hidden,
+                                             need_d_weight, triton=True)
+        except Exception as ex:  # noqa: BLE001 - e.g. triton OutOfResources on an unknown device
+            if not _is_out_of_resources(ex):
+                raise
+            log.warning("cce_inductor: the fast path's Triton kernels do not fit this device (%s); "
+                        "using the PyTorch fast path", ex)
+            out = fast_torch.forward(hidden, weight, bias, targets, opts, reduction,
+                                     need_d_hidden=need_d_hidden, need_d_weight=need_d_weight,
+                                     need_d_bias=need_d_bias,
+                                     tokens_per_chunk=plan.tokens_per_chunk if plan is not None else None)
     loss, d_hidden, d_weight, d_bias = out
     stat = chunked_torch.stat_dtype(hidden)
     if d_bias is not None:
@@ -106,7 +106,9 @@ def run_fast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
 
 
 def _is_out_of_resources(ex: Exception) -> bool:
-    return type(ex).__name__ == "OutOfResources" or "out of resource" in str(ex).lower()
+    """Triton's OutOfResources (a launch needs more shared memory/registers than the device has) or our
+    KernelDoesNotFit (no tile configuration fits): the PyTorch path runs instead."""
+    return type(ex).__name__ in ("OutOfResources", "KernelDoesNotFit") or "out of resource" in str(ex).lower()
 
 
 @torch.library.custom_op("cce::fast_linear_cross_entropy", mutates_args=())

@@ -122,6 +122,15 @@ def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, con
     # ("none" drops the remainder: lossy, kept only to show in tests what the remainder buys.)
     lo_mode = "none" if (dtype == torch.float32 or n_chunks == 1 or cfg.dhidden_remainder == "none") else (
         cfg.dhidden_remainder)
+    # Variant (config.low_memory_dhidden == "cublas_fp32", CUDA only): cuBLAS accumulates d_hidden into an
+    # fp32 [N, D] buffer (N*D*4 bytes instead of the remainder's N*D), rounded once at the end.
+    acc32 = None
+    if lo_mode != "none" and dev.type == "cuda":
+        from .. import config as cce_config
+
+        if cce_config.low_memory_dhidden == "cublas_fp32":
+            acc32 = torch.empty((N, D), device=dev, dtype=torch.float32)
+            lo_mode = "none"
     d_hidden_lo = new_remainder(N, D, lo_mode, dtype, dev) if lo_mode != "none" else None
     eps = float(opts.label_smoothing)
     prec = dot_precision(cfg, dtype)
@@ -145,10 +154,18 @@ def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, con
         )
         if d_weight is not None:
             torch.mm(draw.t(), hidden, out=d_weight[v0:v0 + w])
-        accumulate_matmul(draw, w_chunk, d_hidden, d_hidden_lo, first=c == 0, last=c == n_chunks - 1,
-                          lo_mode=lo_mode, tile=th, upcast=cfg.upcast_dot, dot_precision=prec,
-                          n_fastest=cfg.dhidden_d_fastest)
+        if acc32 is not None:
+            if c == 0:
+                torch.mm(draw, w_chunk, out_dtype=torch.float32, out=acc32)
+            else:
+                torch.addmm(acc32, draw, w_chunk, out_dtype=torch.float32, out=acc32)
+        else:
+            accumulate_matmul(draw, w_chunk, d_hidden, d_hidden_lo, first=c == 0, last=c == n_chunks - 1,
+                              lo_mode=lo_mode, tile=th, upcast=cfg.upcast_dot, dot_precision=prec,
+                              n_fastest=cfg.dhidden_d_fastest)
         if bias is not None:
             torch.sum(draw, dim=0, dtype=torch.float32, out=d_bias32[v0:v0 + w])
+    if acc32 is not None:
+        d_hidden.copy_(acc32)
     d_bias = d_bias32.to(bias.dtype) if bias is not None else None
     return d_hidden, d_weight, d_bias

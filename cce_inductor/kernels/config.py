@@ -152,7 +152,9 @@ def num_programs_target(device: torch.device) -> int:
 def pick_config(N: int, D: int, V: int, dtype: torch.dtype, device) -> KernelConfig:
     if interpreted(device):
         return INTERPRETER_CONFIG
-    base = GPU_CONFIG_FP32 if dtype == torch.float32 else GPU_CONFIG
+    from .device import config_for_device  # tiles that fit this device's shared memory
+
+    base = config_for_device(device, dtype)
     elem = torch.finfo(dtype).bits // 8
     if elem == 4:
         return base.with_(chunk_bytes=chunk_budget(N, D, V, elem))
