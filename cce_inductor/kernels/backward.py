@@ -27,6 +27,11 @@ from .config import KernelConfig, cdiv, chunk_width, pick_config
 from .launch import check_inputs, dot_precision
 
 
+@triton.heuristics({
+    "HAS_BIAS": lambda a: a["b_ptr"] is not None,
+    "HAS_SOFTCAP": lambda a: a["softcap"] is not None,
+    "HAS_GLSE": lambda a: a["glse_ptr"] is not None,
+})
 @triton.jit
 def _draw_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, gloss_ptr, glse_ptr, out_ptr,
@@ -142,13 +147,14 @@ def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, con
         draw = buf[:, :w]
         grid = (cdiv(N, td.block_m), cdiv(w, td.block_n))
         _draw_kernel[grid[::-1] if cfg.draw_vocab_fastest else grid](
-            hidden, w_chunk, bias[v0:v0 + w] if bias is not None else hidden, targets, lse, grad_loss,
-            grad_lse if grad_lse is not None else grad_loss, buf,
-            N, D, V, v0, w,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), buf.stride(0),
-            float(opts.logit_scale), float(opts.softcap or 1.0), int(opts.ignore_index), 1.0 - eps, eps / V,
+            h_ptr=hidden, w_ptr=w_chunk, b_ptr=bias[v0:v0 + w] if bias is not None else None, t_ptr=targets,
+            lse_ptr=lse, gloss_ptr=grad_loss, glse_ptr=grad_lse, out_ptr=buf,
+            N=N, D=D, V=V, v0=v0, width=w,
+            stride_hn=hidden.stride(0), stride_hd=hidden.stride(1), stride_wv=weight.stride(0),
+            stride_wd=weight.stride(1), stride_out=buf.stride(0),
+            scale=float(opts.logit_scale), softcap=None if opts.softcap is None else float(opts.softcap),
+            ignore_index=int(opts.ignore_index), one_minus_eps=1.0 - eps, eps_over_v=eps / V,
             BLOCK_N=td.block_m, BLOCK_V=td.block_n, BLOCK_K=td.block_k,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_GLSE=grad_lse is not None,
             UPCAST=cfg.upcast_dot, DOT_PREC=prec, VOCAB_FASTEST=cfg.draw_vocab_fastest,
             num_warps=td.num_warps, num_stages=td.num_stages,
         )
