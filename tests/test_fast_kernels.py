@@ -207,3 +207,35 @@ def test_triton_fast_path_matches_the_pytorch_one(dtype):
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     for a, r in zip(ours, torch_path):
         assert rel_err(a, r.double()) < tol
+
+
+def test_accumulate_falls_back_to_a_smaller_tile_on_out_of_resources(monkeypatch):
+    """A tile whose launch runs out of resources on this device is replaced by the next smaller one."""
+    from cce_inductor.kernels import accumulate as acc
+
+    class OutOfResources(Exception):
+        pass
+
+    real, seen = acc._launch, []
+
+    def launch(*args):
+        tile = args[13]
+        seen.append((tile.block_m, tile.block_n))
+        if tile.block_n >= 128:
+            raise OutOfResources("out of resource: shared memory")
+        return real(*args)
+
+    monkeypatch.setattr(acc, "_launch", launch)
+    monkeypatch.setattr(acc, "_WORKING_TILE", {})
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(20, 8, generator=gen), torch.randn(8, 12, generator=gen)
+    hi = torch.full((20, 12), float("nan"))
+    big = Tile(128, 256, 64, num_warps=8, num_stages=3)
+    acc.accumulate_matmul(a, b, hi, None, first=True, last=True, lo_mode="none", tile=big, upcast=True,
+                          dot_precision="ieee")
+    assert seen[0] == (128, 256) and seen[-1][1] < 128
+    torch.testing.assert_close(hi, a @ b, rtol=1e-5, atol=1e-5)
+    seen.clear()
+    acc.accumulate_matmul(a, b, hi, None, first=True, last=True, lo_mode="none", tile=big, upcast=True,
+                          dot_precision="ieee")
+    assert len(seen) == 1 and seen[0][1] < 128  # the working tile is remembered

@@ -19,6 +19,8 @@ K = vocabulary columns) and the fast path's d_weight (A = d(logits)^T of a token
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -171,6 +173,41 @@ def accumulate_matmul(a: torch.Tensor, b: torch.Tensor, hi: torch.Tensor, lo: to
     unit_scale, unit_min, clamp = remainder_constants(hi.dtype, mode)
     if mode == LO_INT4:
         assert tile.block_n % 2 == 0
+    key = (tile, mode, hi.dtype, a.dtype)
+    tile = _WORKING_TILE.get(key, tile)
+    while True:
+        try:
+            _launch(a, b, hi, lo, M, N, K, first, last, mode, unit_scale, unit_min, clamp, tile, upcast,
+                    dot_precision, n_fastest)
+            _WORKING_TILE[key] = tile
+            return
+        except Exception as ex:  # noqa: BLE001 - Triton's OutOfResources: try the next smaller tile
+            smaller = _smaller_tile(tile, a.element_size()) if type(ex).__name__ == "OutOfResources" else None
+            if smaller is None:
+                raise
+            from ..logging_ import log
+
+            log.info("cce_inductor: accumulate tile %s does not fit (%s); trying %s", tile, ex, smaller)
+            tile = smaller
+
+
+# A tile that ran out of resources (shared memory of the epilogue's layout conversions, registers) is
+# replaced by the next smaller one of the device table, once per (tile, remainder, dtypes).
+_WORKING_TILE: dict = {}
+
+
+def _smaller_tile(tile: Tile, elem_bytes: int) -> Optional[Tile]:
+    from .device import TILES_16BIT, TILES_32BIT, tile_smem
+
+    size = tile_smem(tile, elem_bytes)
+    for t in (TILES_32BIT if elem_bytes >= 4 else TILES_16BIT):
+        if tile_smem(t, elem_bytes) < size and t.block_n % 2 == 0:
+            return t
+    return None
+
+
+def _launch(a, b, hi, lo, M, N, K, first, last, mode, unit_scale, unit_min, clamp, tile, upcast, dot_precision,
+            n_fastest):
     grid = (cdiv(M, tile.block_m), cdiv(N, tile.block_n))
     _accumulate_kernel[grid[::-1] if n_fastest else grid](
         a_ptr=a, b_ptr=b, hi_ptr=hi, lo_ptr=lo if lo is not None else hi,
