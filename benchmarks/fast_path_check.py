@@ -2,6 +2,7 @@
 
     PYTHONUNBUFFERED=1 python3 benchmarks/fast_path_check.py [--shapes gemma2,llama3] [--regime zipf|flat]
                                                              [--quick]
+    TRITON_INTERPRET=1 python3 benchmarks/fast_path_check.py --dry-run    # CPU: checks the script runs
 
 For each shape (N = 8192 tokens, bf16): a float64 reference (chunked), then every variant below once for
 its loss / dE / dC relative errors, do_bench median fwd+bwd ms, the peak memory of one fwd+bwd over what
@@ -43,9 +44,26 @@ from cce_inductor.kernels.reference import reference_loss_and_grads, rel_err  # 
 from cce_inductor.options import LossOptions  # noqa: E402
 from cce_inductor.paths import choose_path, plan_fast  # noqa: E402
 
-SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
+SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256), "tiny": (96, 32, 700)}
 MiB = 1 << 20
 ROWS = []
+DEV = "cuda"  # --dry-run: "cpu" (tiny shape, one timed call, no memory numbers: checks the script itself)
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> int:
+    if DEV != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peak_since(base: int) -> float:
+    return (torch.cuda.max_memory_allocated() - base) / MiB if DEV == "cuda" else float("nan")
 
 
 def log(msg):
@@ -54,18 +72,18 @@ def log(msg):
 
 def make(N, D, V, regime):
     """peers.py's inputs: "zipf" (trained-like: Zipf prior, targets sampled from the softmax) or "flat"."""
-    g = torch.Generator(device="cuda").manual_seed(1)
-    e = torch.randn(N, D, device="cuda", generator=g)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    e = torch.randn(N, D, device=DEV, generator=g)
     if regime == "flat":
-        c = torch.randn(V, D, device="cuda", generator=g) / D ** 0.5
+        c = torch.randn(V, D, device=DEV, generator=g) / D ** 0.5
     else:
-        rank = torch.randperm(V, device="cuda", generator=g).float()
+        rank = torch.randperm(V, device=DEV, generator=g).float()
         logp = -1.1 * torch.log(rank + 2.7)
         e[:, 0] = 1.0
-        c = torch.randn(V, D, device="cuda", generator=g) * (3.0 / D ** 0.5)
+        c = torch.randn(V, D, device=DEV, generator=g) * (3.0 / D ** 0.5)
         c[:, 0] = logp - torch.logsumexp(logp, 0)
     e, c = e.to(torch.bfloat16), c.to(torch.bfloat16)
-    t = torch.empty(N, dtype=torch.long, device="cuda")
+    t = torch.empty(N, dtype=torch.long, device=DEV)
     with torch.no_grad():
         for s in range(0, N, 1024):
             p = torch.softmax((e[s:s + 1024] @ c.T).float(), -1)
@@ -80,10 +98,17 @@ def eager(e, c, t):
 
 def cleanup():
     gc.collect()
-    torch.cuda.empty_cache()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
 
 def bench(fn, rep, grad_to_none=None):
+    if DEV != "cuda":  # dry run: one call
+        t0 = time.perf_counter()
+        fn()
+        for x in grad_to_none or ():
+            x.grad = None
+        return (time.perf_counter() - t0) * 1e3
     return triton.testing.do_bench(fn, warmup=max(25, rep // 4), rep=rep, grad_to_none=grad_to_none,
                                    return_mode="median")
 
@@ -97,18 +122,17 @@ def measure(shape, name, fn, e, c, t, ref, rep, nograd_fn=None, patch=None):
             e.grad = c.grad = None
             loss = fn(e, c, t)
             loss.backward()
-            torch.cuda.synchronize()
+            sync()
             lref, rdh, rdw = ref
             row.update(loss_err=abs(loss.item() - lref) / abs(lref), dE_err=rel_err(e.grad, rdh),
                        dC_err=rel_err(c.grad, rdw))
             e.grad = c.grad = None
             del loss
             cleanup()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            base = reset_peak()
             fn(e, c, t).backward()
-            torch.cuda.synchronize()
-            row["peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / MiB
+            sync()
+            row["peak_MiB"] = peak_since(base)
             e.grad = c.grad = None
             cleanup()
             row["fwdbwd_ms"] = bench(lambda: fn(e, c, t).backward(), rep, grad_to_none=[e, c])
@@ -144,11 +168,10 @@ def nograd_row(shape, name, fn, e, c, t, rep, patch=None):
         with (config.patch(**patch) if patch else _null()), torch.no_grad():
             x, w = e.detach(), c.detach()
             fn(x, w, t)
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            base = reset_peak()
             fn(x, w, t)
-            torch.cuda.synchronize()
-            row["peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / MiB
+            sync()
+            row["peak_MiB"] = peak_since(base)
             row["fwd_nograd_ms"] = bench(lambda: fn(x, w, t), rep)
     except Exception as ex:  # noqa: BLE001
         row["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
@@ -165,21 +188,22 @@ def accumulate_micro(shape, e, c, rep, nc, tiles):
     N, D = e.shape
     V = c.shape[0]
     x = e.detach()[:nc]
-    g = torch.randn(nc, V, device="cuda", dtype=torch.bfloat16) * 1e-3
-    hi = torch.randn(V, D, device="cuda", dtype=torch.bfloat16) * 1e-2
+    nc = x.shape[0]
+    g = torch.randn(nc, V, device=DEV, dtype=torch.bfloat16) * 1e-3
+    hi = torch.randn(V, D, device=DEV, dtype=torch.bfloat16) * 1e-2
     ms = bench(lambda: torch.mm(g.t(), x), rep)
     row = {"shape": shape, "variant": f"acc-pass Nc={nc} cuBLAS mm", "ms": ms,
            "TFLOPs": 2 * nc * V * D / ms / 1e9}
     log(json.dumps(row))
     ROWS.append(row)
     for rem in ("int4", "int8"):
-        lo = new_remainder(V, D, rem, torch.bfloat16, "cuda")
+        lo = new_remainder(V, D, rem, torch.bfloat16, DEV)
         lo.zero_()
         for tile in tiles:
             name = f"acc-pass Nc={nc} triton {rem} {tile.block_m}x{tile.block_n}x{tile.block_k}w{tile.num_warps}s{tile.num_stages}"
             try:
                 ms = bench(lambda: accumulate_matmul(g.t(), x, hi, lo, first=False, last=False, lo_mode=rem,
-                                                     tile=tile, upcast=False, dot_precision="tf32"), rep)
+                                                     tile=tile, upcast=DEV != "cuda", dot_precision="tf32"), rep)
                 row = {"shape": shape, "variant": name, "ms": ms, "TFLOPs": 2 * nc * V * D / ms / 1e9}
             except Exception as ex:  # noqa: BLE001
                 row = {"shape": shape, "variant": name, "error": f"{type(ex).__name__}: {str(ex)[:200]}"}
@@ -195,21 +219,31 @@ def main():
     ap.add_argument("--shapes", default="gemma2,llama3")
     ap.add_argument("--regime", default="zipf")
     ap.add_argument("--quick", action="store_true", help="fewer variants, shorter benchmarks")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU, tiny shape, Triton interpreter: checks that the script runs (no meaningful numbers)")
     a = ap.parse_args()
+    global DEV
+    if a.dry_run:
+        DEV = "cpu"
+        a.shapes = "tiny"
+        from cce_inductor.op import use_triton_on_cpu
+
+        use_triton_on_cpu().__enter__()  # the Triton kernels under TRITON_INTERPRET=1
     rep = 100 if a.quick else 200
-    log(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}")
+    log(f"torch {torch.__version__} triton {triton.__version__} "
+        f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (dry run)'}")
     compiled = torch.compile(eager)
     compiled_nograd = torch.compile(lambda e, c, t: F.cross_entropy((e @ c.T).float(), t))
     for shape in a.shapes.split(","):
         N, D, V = SHAPES[shape]
         e, c, t = make(N, D, V, a.regime)
         lref, _, rdh, rdw, _ = reference_loss_and_grads(e.detach(), c.detach(), None, t, LossOptions(),
-                                                        torch.full((N,), 1.0 / N, device="cuda"))
+                                                        torch.full((N,), 1.0 / N, device=DEV))
         ref = (lref.mean().item(), rdh, rdw)
         del lref
         cleanup()
         plan = plan_fast(N, D, V, torch.bfloat16)
-        log(f"{shape}: choose_path -> {choose_path(N, D, V, torch.bfloat16, 'cuda', 'mean', False, True)}; plan {plan}")
+        log(f"{shape}: choose_path -> {choose_path(N, D, V, torch.bfloat16, DEV, 'mean', False, True)}; plan {plan}")
         x, w = e.detach(), c.detach()
         mm = bench(lambda: x @ w.T, rep)
         ROWS.append({"shape": shape, "variant": "mm (cuBLAS E@C^T)", "fwdbwd_ms": mm})
