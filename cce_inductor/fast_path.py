@@ -43,8 +43,9 @@ def _low_memory_in_forward(hidden, weight, bias, targets, opts, reduction, need_
     coef): for shapes whose fast-path workspace does not fit the budget."""
     if triton:
         from . import kernels
+        from .op import _triton_forward
 
-        fwd, bwd = kernels.triton_forward, kernels.triton_backward
+        fwd, bwd = _triton_forward(hidden), kernels.triton_backward  # the forward config.forward_kernel names
     else:
         fwd, bwd = chunked_torch.forward, chunked_torch.backward
     loss_rows, lse = fwd(hidden, weight, bias, targets, opts)
