@@ -63,7 +63,9 @@ def test_fast_forward_matches_float64(dtype, case, reduction, poison):
     N, D, V = 37, 40, 70  # nothing a multiple of the 16-wide blocks
     h, w, b, t = make_inputs(N, D, V, dtype, has_bias, gen)
     t[[3, 11]] = opts.ignore_index
-    remainders = ["int8"] if dtype == torch.float32 else ["int8", "int4", "float"]
+    # Every remainder format with every option is the costly part under the interpreter: all three formats
+    # with the all-options case, the default (int4) with the others.
+    remainders = ["int8"] if dtype == torch.float32 else (["int8", "int4", "float"] if case == 1 else ["int4"])
     for rem in remainders:
         check_fast(h, w, b, t, opts, reduction, tokens=8, remainder=rem)  # 5 chunks, last one partial
     check_fast(h, w, b, t, opts, reduction, tokens=N, remainder="int4")  # one chunk: cuBLAS writes d_weight
