@@ -10,8 +10,8 @@
     <= 2^-4 ulp per pass),
   - LO_FLOAT: lo has hi's dtype (2 bytes per element; the remainder rounded to 16 bits).
   The unit is a power of two taken from hi's exponent bits, so scaling by it is exact; the ranges
-  (+-127 and +-7 units) span +-1 ulp, enough for round-to-nearest (+-1/2 ulp) and for a truncating cast
-  (the Triton interpreter truncates fp32 -> bf16).
+  (+-127 and +-7 units) span +-1 ulp (round-to-nearest needs +-1/2 ulp: the margin covers a truncating
+  conversion too).
 
 Used twice: the low-memory backward's d_hidden (A = the d(logits) chunk [N, Vc], B = the weight chunk,
 K = vocabulary columns) and the fast path's d_weight (A = d(logits)^T of a token chunk, a transposed view
@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import to_rne
 from .config import Tile, cdiv
 
 LO_NONE, LO_INT8, LO_FLOAT, LO_INT4 = 0, 1, 2, 3
@@ -124,7 +125,7 @@ def _accumulate_kernel(
             odd = (byte << 24) >> 28
             q = tl.reshape(tl.join(even, odd), (BLOCK_M, BLOCK_N)).to(tl.float32)
             acc += q * remainder_unit(old, UNIT_SCALE, UNIT_MIN)
-    hi = acc.to(hi_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # explicit: the interpreter truncates
+    hi = to_rne(acc, hi_ptr.dtype.element_ty)
     tl.store(hi_ptr + offs, hi, mask=mask)
     if not LAST:
         if LO_MODE == 1 or LO_MODE == 3:
@@ -140,8 +141,7 @@ def _accumulate_kernel(
                 byte = (even & 0xF) | ((odd & 0xF) << 4)
                 tl.store(lo_ptr + lo_offs, byte.to(tl.uint8), mask=lo_mask)
         elif LO_MODE == 2:
-            tl.store(lo_ptr + lo_offs, (acc - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
-                     mask=lo_mask)
+            tl.store(lo_ptr + lo_offs, to_rne(acc - hi.to(tl.float32), lo_ptr.dtype.element_ty), mask=lo_mask)
 
 
 def new_remainder(rows: int, cols: int, mode: str, dtype: torch.dtype, device) -> torch.Tensor:

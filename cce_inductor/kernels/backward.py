@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..options import LossOptions
 from .accumulate import accumulate_matmul, new_remainder
-from .common import logits_tile
+from .common import logits_tile, to_rne
 from .config import KernelConfig, cdiv, chunk_width, pick_config
 from .launch import check_inputs, dot_precision
 
@@ -77,7 +77,7 @@ def _draw_kernel(
     else:
         dz = dz * scale
     out = out_ptr + offs_n.to(tl.int64)[:, None] * stride_out + offs_c[None, :]
-    tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
+    tl.store(out, to_rne(dz, out_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
 
 
 def triton_backward(

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..options import LossOptions
 from .accumulate import accumulate_matmul, new_remainder
-from .common import tanh_f32
+from .common import tanh_f32, to_rne
 from .config import KernelConfig, pick_config
 from .launch import dot_precision
 
@@ -116,7 +116,7 @@ def _rows_kernel(
                 g = g * (1.0 - zc * zc)
             if HAS_SCALE:
                 g = g * scale
-            tl.store(zrow + offs, g.to(z_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+            tl.store(zrow + offs, to_rne(g, z_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(z, bias_in_kernel, targets, coef, loss, lse, opts: LossOptions, cfg: KernelConfig):
