@@ -6,11 +6,13 @@
 * ``install()`` / ``uninstall()``: the rewrite inside plain ``torch.compile`` (Inductor's pre-grad hook).
 * ``explain(fn, *args)``: what was rewritten, what was not and why.
 """
+from . import config
 from .api import linear_cross_entropy
 from .backend import cce_backend, install, is_installed, make_backend, uninstall
 from .explain import ExplainReport, explain
 from .options import LossOptions
+from .paths import choose_path
 
-__all__ = ["linear_cross_entropy", "LossOptions", "make_backend", "cce_backend", "install", "uninstall",
+__all__ = ["linear_cross_entropy", "config", "choose_path", "LossOptions", "make_backend", "cce_backend", "install", "uninstall",
            "is_installed", "explain", "ExplainReport"]
 __version__ = "0.1.0"

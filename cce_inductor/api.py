@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fast_path as _fast_path  # noqa: F401  (registers torch.ops.cce.fast_linear_cross_entropy)
 from . import op as _op  # noqa: F401  (registers torch.ops.cce.*)
 from .chunked_torch import stat_dtype
 from .options import LossOptions
@@ -94,7 +95,8 @@ def _autocast_like_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                         softcap: Optional[float] = None, logit_scale: float = 1.0, return_lse: bool = False):
+                         softcap: Optional[float] = None, logit_scale: float = 1.0, return_lse: bool = False,
+                         path: Optional[str] = None):
     """Cross-entropy of ``softcap(logit_scale * F.linear(hidden, weight, bias))`` without storing the logits.
 
     Equal to::
@@ -117,11 +119,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     Under ``torch.autocast`` hidden, weight and bias are cast as ``F.linear`` casts them (float64 is not
     cast). Reverse-mode autograd, ``torch.func.grad``/``vjp``/``jacrev``/``vmap`` and forward-mode AD
     (``torch.func.jvp``, ``torch.autograd.forward_ad``) are supported.
+
+    ``path``: "auto" | "fast" | "low_memory" (None: ``cce_inductor.config.path``). The fast path (3 matmuls,
+    gradients formed in the forward) serves scalar losses ("mean"/"sum", no lse) that need a gradient; see
+    ``cce_inductor.paths``.
     """
     hidden, weight, bias = _autocast_like_linear(hidden, weight, bias)
     return _linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
                                  label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale,
-                                 return_lse=return_lse)
+                                 return_lse=return_lse, path=path)
 
 
 def _needs_transformable_op(*tensors: Optional[Tensor]) -> bool:
@@ -141,7 +147,8 @@ def _needs_transformable_op(*tensors: Optional[Tensor]) -> bool:
 
 def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
                           ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                          softcap: Optional[float] = None, logit_scale: float = 1.0, return_lse: bool = False):
+                          softcap: Optional[float] = None, logit_scale: float = 1.0, return_lse: bool = False,
+                          path: Optional[str] = None):
     """:func:`linear_cross_entropy` without the autocast casts: what the graph rewrite inserts (its plan
     already chose the dtypes each input is handed over in)."""
     _check_inputs(hidden, weight, targets, bias, reduction)
@@ -157,6 +164,10 @@ def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
     if _needs_transformable_op(hidden, weight, bias):
         loss, lse = _op.TransformableLinearCrossEntropy.apply(*args)
     else:
+        fast = _fast_path_call(hidden, weight, bias, flat_targets, ignore_index, label_smoothing, softcap,
+                               logit_scale, reduction, return_lse, path)
+        if fast is not None:
+            return fast
         loss, lse = torch.ops.cce.linear_cross_entropy_forward(*args)
     if reduction == "none":
         loss = loss.reshape(lead_shape)
@@ -166,4 +177,24 @@ def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
         loss = loss.sum() / (flat_targets != ignore_index).sum()
     if return_lse:
         return loss, lse.reshape(lead_shape)
+    return loss
+
+
+def _fast_path_call(hidden, weight, bias, flat_targets, ignore_index, label_smoothing, softcap, logit_scale,
+                    reduction, return_lse, path):
+    """The fast path's op when it applies (decided from flags only, never from sizes: static under
+    torch.compile; the op itself picks its scheme from the actual sizes), else None."""
+    from . import config
+    from .paths import PATHS
+
+    path = config.path if path is None else path
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    wants = [t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    if path == "low_memory" or reduction == "none" or return_lse or not (torch.is_grad_enabled() and any(wants)):
+        return None
+    loss, _, _, _ = torch.ops.cce.fast_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, ignore_index, float(label_smoothing),
+        None if softcap is None else float(softcap), float(logit_scale), reduction, wants[0], wants[1], wants[2],
+        path)
     return loss

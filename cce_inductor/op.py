@@ -40,8 +40,41 @@ def _implementation(hidden: Tensor):
     if hidden.dtype in _TRITON_DTYPES and (hidden.is_cuda or _triton_on_cpu):
         from . import kernels  # imported lazily: triton is not needed for the CPU path
 
-        return kernels.triton_forward, kernels.triton_backward
+        return _triton_forward(hidden), kernels.triton_backward
     return chunked_torch.forward, chunked_torch.backward
+
+
+def _triton_forward(hidden: Tensor):
+    """The per-token forward kernel ``cce_inductor.config.forward_kernel`` asks for (see config.py)."""
+    from . import config, kernels
+
+    choice = config.forward_kernel
+    if choice == "auto":
+        choice = "chunked" if hidden.is_cuda else "fused"
+    if choice == "chunked":
+        chunk_bytes = config.forward_chunk_bytes
+        return lambda h, w, b, t, opts: kernels.triton_chunked_forward(h, w, b, t, opts, chunk_bytes=chunk_bytes)
+    if choice != "fused":
+        raise ValueError(f"config.forward_kernel must be 'auto', 'fused' or 'chunked', got {choice!r}")
+    return kernels.triton_forward
+
+
+def _or_pytorch(impl, fallback, *args, **kwargs):
+    """impl(...), or the PyTorch path with a log line when the Triton kernels do not fit the device
+    (Triton's OutOfResources, or no tile configuration fits its shared memory)."""
+    if impl is fallback:
+        return impl(*args, **kwargs)
+    try:
+        return impl(*args, **kwargs)
+    except Exception as ex:  # noqa: BLE001
+        from .fast_path import _is_out_of_resources
+
+        if not _is_out_of_resources(ex):
+            raise
+        from .logging_ import log
+
+        log.warning("cce_inductor: the Triton kernels do not fit this device (%s); using the PyTorch path", ex)
+        return fallback(*args, **kwargs)
 
 
 def _autocast_off(hidden: Tensor):
@@ -61,8 +94,9 @@ def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, bias: Optional[
                                  logit_scale: float) -> tuple[Tensor, Tensor]:
     """Per-token (loss, lse) [N], float32 (float64 for float64 inputs); loss is 0 on ignored tokens."""
     fwd, _ = _implementation(hidden)
+    opts = _options(ignore_index, label_smoothing, softcap, logit_scale)
     with _autocast_off(hidden):
-        return fwd(hidden, weight, bias, targets, _options(ignore_index, label_smoothing, softcap, logit_scale))
+        return _or_pytorch(fwd, chunked_torch.forward, hidden, weight, bias, targets, opts)
 
 
 @linear_cross_entropy_forward.register_fake
@@ -87,8 +121,8 @@ def linear_cross_entropy_backward(grad_loss: Optional[Tensor], grad_lse: Optiona
     if grad_lse is not None:
         grad_lse = grad_lse.to(stat)
     with _autocast_off(hidden):
-        d_hidden, d_weight, d_bias = bwd(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts,
-                                         need_d_weight=need_d_weight)
+        d_hidden, d_weight, d_bias = _or_pytorch(bwd, chunked_torch.backward, grad_loss, grad_lse, hidden, weight,
+                                                 bias, targets, lse, opts, need_d_weight=need_d_weight)
     if d_weight is None:
         d_weight = hidden.new_empty(0)
     if d_bias is None:

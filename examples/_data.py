@@ -137,7 +137,8 @@ def profile_step(step_fn, device):
     CPU:  the same quantity for torch's CPU allocator, from the allocation/free events that
           ``torch.profiler(profile_memory=True)`` records for every tensor, whether allocated by an
           eager op or by an Inductor-generated kernel: the running sum of allocation sizes, maximised.
-    cce op calls: profiler events of the ``cce::`` custom ops (forward and backward), i.e. proof that
+    cce op calls: profiler events of the ``cce::`` custom ops (the fast path's one op, or the low-memory
+    path's forward and backward), i.e. proof that
     the compiled step really ran the rewritten loss.
     """
     from torch._C._profiler import _EventType

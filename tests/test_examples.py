@@ -32,8 +32,9 @@ def _check_train_lm(out, png):
     assert len(out["report"].misses) == 0, out["report"]
     by = {r["variant"]: r for r in out["results"]}
     assert set(by) == {"eager", "compile", "cce"}
-    # the cce op really ran in the profiled step (forward + backward), and only in the cce variant
-    assert by["cce"]["cce_calls"] == 2
+    # the cce op really ran in the profiled step, and only in the cce variant: the fast path's one op (its
+    # backward is a plain in-place scaling), or the low-memory path's forward + backward ops
+    assert by["cce"]["cce_calls"] in (1, 2)
     assert by["eager"]["cce_calls"] == by["compile"]["cce_calls"] == 0
     # same init, same batches: every step's loss agrees across the three ways
     steps = out["preset"]["steps"]
@@ -81,5 +82,5 @@ def test_hf_trainer_tiny(cache_dir):
     out = hf.main(["--tiny", "--device", "cpu", "--cache-dir", cache_dir])
     assert out["rewrites"] == 1, out["report"]
     run = out["runs"]["install"]
-    assert run["cce_calls"] == 2  # the Trainer's compiled step ran the cce op, forward and backward
+    assert run["cce_calls"] in (1, 2)  # the Trainer's compiled step ran the cce op(s): fast path 1, low-memory 2
     assert len(run["losses"]) == 4 and all(math.isfinite(x) for x in run["losses"])

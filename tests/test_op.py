@@ -130,7 +130,9 @@ def test_compiles_fullgraph_with_dynamic_shapes_and_no_recompiles():
         torch.testing.assert_close(loss.detach(), ref)
         frames.append(counter.frame_count)
     assert frames[0] == frames[-1], "a new sequence length recompiled"
-    assert sum("cce.linear_cross_entropy_forward" in str(g.code) for g in counter.graphs) == 1
+    # one op call: the fast path's (a scalar loss with a gradient) or the low-memory forward
+    assert sum(("cce.linear_cross_entropy_forward" in str(g.code) or "cce.fast_linear_cross_entropy" in str(g.code))
+               for g in counter.graphs) == 1
 
 
 def test_compiled_with_inductor_saves_no_logits():

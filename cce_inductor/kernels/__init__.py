@@ -15,6 +15,7 @@ Both accept an optional ``config=KernelConfig(...)`` (see :mod:`.config`); no ho
 """
 from .backward import triton_backward
 from .config import KernelConfig, Tile, pick_config
+from .fast import triton_chunked_forward, triton_fast_forward
 from .forward import triton_forward
 
-__all__ = ["triton_forward", "triton_backward", "KernelConfig", "Tile", "pick_config"]
+__all__ = ["triton_forward", "triton_backward", "triton_chunked_forward", "triton_fast_forward", "KernelConfig", "Tile", "pick_config"]

@@ -65,6 +65,16 @@ class KernelConfig:
     # Format of the d_hidden rounding remainder for 16-bit inputs: "int8" (1 byte/element, in units of
     # 1/128 ulp of hi) or "float" (hi's dtype, 2 bytes/element). The byte saved goes to the draw buffer.
     dhidden_remainder: str = "int8"
+    # Fast path (kernels/fast.py): d_weight += d(logits)^T @ hidden per token chunk (block_m = vocabulary
+    # rows, block_n = hidden dim, block_k = tokens); None: the dhidden tile.
+    accumulate: Optional[Tile] = None
+    # Fast path / chunked no-grad forward: the row kernel walks a logits row in blocks of row_block columns.
+    row_block: int = 16
+    row_warps: int = 4
+
+    @property
+    def accumulate_tile(self) -> Tile:
+        return self.accumulate if self.accumulate is not None else self.dhidden
 
     def with_(self, **kw) -> "KernelConfig":
         return replace(self, **kw)
@@ -94,6 +104,8 @@ GPU_CONFIG = KernelConfig(
     dhidden=Tile(128, 256, 64, num_warps=8, num_stages=3),
     merge_block=256,
     min_chunk_cols=2048,
+    row_block=2048,
+    row_warps=8,
 )
 
 # fp32 operands take twice the shared memory per stage: halve the tile.
@@ -103,6 +115,8 @@ GPU_CONFIG_FP32 = KernelConfig(
     dhidden=Tile(128, 128, 32, num_warps=8, num_stages=3),
     merge_block=256,
     min_chunk_cols=2048,
+    row_block=2048,
+    row_warps=8,
 )
 
 # The backward may use this much memory beyond the two gradients it returns (fraction of their size);
@@ -138,7 +152,9 @@ def num_programs_target(device: torch.device) -> int:
 def pick_config(N: int, D: int, V: int, dtype: torch.dtype, device) -> KernelConfig:
     if interpreted(device):
         return INTERPRETER_CONFIG
-    base = GPU_CONFIG_FP32 if dtype == torch.float32 else GPU_CONFIG
+    from .device import config_for_device  # tiles that fit this device's shared memory
+
+    base = config_for_device(device, dtype)
     elem = torch.finfo(dtype).bits // 8
     if elem == 4:
         return base.with_(chunk_bytes=chunk_budget(N, D, V, elem))

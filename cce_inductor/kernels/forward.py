@@ -20,6 +20,10 @@ from .config import KernelConfig, cdiv, forward_splits, pick_config
 from .launch import check_inputs, dot_precision
 
 
+@triton.heuristics({
+    "HAS_BIAS": lambda a: a["b_ptr"] is not None,
+    "HAS_SOFTCAP": lambda a: a["softcap"] is not None,
+})
 @triton.jit
 def _partial_lse_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
@@ -72,6 +76,7 @@ def _partial_lse_kernel(
         tl.store(out + 3 * plane, z_sum, mask=n_mask)
 
 
+@triton.heuristics({"HAS_SMOOTHING": lambda a: a["eps"] > 0.0})
 @triton.jit
 def _merge_kernel(
     part_ptr, t_ptr, loss_ptr, lse_ptr,
@@ -132,18 +137,18 @@ def triton_forward(
     part = torch.empty((4 if smoothing else 3, splits, N), device=dev, dtype=torch.float32)
     t = cfg.forward
     _partial_lse_kernel[(cdiv(N, t.block_m), splits)](
-        hidden, weight, bias if bias is not None else hidden, targets, part,
-        N, D, V, per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(opts.logit_scale), float(opts.softcap or 1.0),
-        BLOCK_N=t.block_m, BLOCK_V=t.block_n, BLOCK_K=t.block_k,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_SMOOTHING=smoothing,
+        h_ptr=hidden, w_ptr=weight, b_ptr=bias, t_ptr=targets, part_ptr=part,
+        N=N, D=D, V=V, tiles_per_split=per_split,
+        stride_hn=hidden.stride(0), stride_hd=hidden.stride(1), stride_wv=weight.stride(0),
+        stride_wd=weight.stride(1),
+        scale=float(opts.logit_scale), softcap=None if opts.softcap is None else float(opts.softcap),
+        BLOCK_N=t.block_m, BLOCK_V=t.block_n, BLOCK_K=t.block_k, HAS_SMOOTHING=smoothing,
         UPCAST=cfg.upcast_dot, DOT_PREC=dot_precision(cfg, hidden.dtype),
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     _merge_kernel[(cdiv(N, cfg.merge_block),)](
-        part, targets, loss, lse,
-        N, V, splits, int(opts.ignore_index), float(opts.label_smoothing),
-        BLOCK=cfg.merge_block, HAS_SMOOTHING=smoothing,
+        part_ptr=part, t_ptr=targets, loss_ptr=loss, lse_ptr=lse,
+        N=N, V=V, n_splits=splits, ignore_index=int(opts.ignore_index), eps=float(opts.label_smoothing),
+        BLOCK=cfg.merge_block,
     )
     return loss, lse

@@ -1,0 +1,61 @@
+"""Knobs of cce_inductor, Inductor-style (``torch.utils._config_module``)::
+
+    import cce_inductor
+    cce_inductor.config.path = "fast"                       # global, thread-local override
+    with cce_inductor.config.patch(fast_path_memory_fraction=0.3):
+        ...
+
+Read where the op runs (eagerly or inside a compiled graph's op call) and where the public function
+decides which op to call. ``torch.compile`` guards on values read while tracing, so changing a knob
+recompiles the functions that read it.
+"""
+import sys
+from typing import Optional
+
+# Which implementation computes a loss whose gradient is needed:
+#   "auto"        the fast path (3 matmuls, gradients formed in the forward, token chunks) where it is
+#                 valid (scalar loss: reduction "mean"/"sum", no lse output, a gradient needed) and its
+#                 workspace fits ``fast_path_memory_fraction``; else the low-memory path.
+#   "fast"        the fast path wherever it is valid, whatever its workspace.
+#   "low_memory"  always the low-memory path (4 matmuls: the backward recomputes the logits per
+#                 vocabulary chunk; memory ~1.1x the two gradients).
+path: str = "auto"
+
+# Memory budget of the fast path: its peak (the two gradients it returns + its workspace: one
+# [tokens_per_chunk, V] logits chunk and the d_weight rounding remainder) may be at most this fraction
+# of the peak of keeping the logits (the two gradients + the N x V logits in the input dtype), which is
+# what torch.compile's fused loss takes. 0.5 = half of torch.compile's memory.
+fast_path_memory_fraction: float = 0.5
+
+# Fewest tokens per chunk for which "auto" still takes the fast path: below it every chunk re-reads
+# and re-writes d_weight for too little matmul work, and the low-memory path is the better choice.
+fast_path_min_tokens_per_chunk: int = 256
+
+# Most tokens per chunk the budget may give (bigger chunks gain little once the d_weight passes are few,
+# and keep the memory flat as the tokens grow).
+fast_path_max_tokens_per_chunk: int = 4096
+
+# Explicit tokens per chunk of the fast path (None: derived from the memory budget).
+fast_path_tokens_per_chunk: Optional[int] = None
+
+# Rounding remainder of the 16-bit d_weight accumulator of the fast path across token chunks:
+# "int8" (1 byte per weight element, 1/128-ulp steps), "int4" (half a byte, 1/8-ulp steps) or "auto"
+# (int8 when it costs no extra chunk, else int4).
+fast_path_remainder: str = "auto"
+
+# Per-token forward of the low-memory op (the forward without gradient, and the low-memory path's forward
+# in training): "fused" (one Triton kernel: matmul + online log-sum-exp, no logits in memory), "chunked"
+# (cuBLAS logits per token chunk + a Triton row kernel; one [chunk, V] buffer), or "auto" (chunked on CUDA,
+# where cuBLAS is the faster matmul; fused under the Triton interpreter).
+forward_kernel: str = "auto"
+
+# Bytes of the logits chunk of the "chunked" forward.
+forward_chunk_bytes: int = 256 * 2**20
+
+# d_hidden of the low-memory path's backward: "triton" (hi + remainder accumulator kernel, default) or
+# "cublas_fp32" (cuBLAS with an fp32 output into an fp32 N x D accumulator: N*D*4 bytes more memory).
+low_memory_dhidden: str = "triton"
+
+from torch.utils._config_module import install_config_module  # noqa: E402
+
+install_config_module(sys.modules[__name__])

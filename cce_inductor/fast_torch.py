@@ -1,0 +1,77 @@
+"""The fast path in plain PyTorch: the CPU implementation and the reference of the Triton one.
+
+``forward(hidden, weight, bias, targets, opts, reduction, ...) -> (loss 0-d, d_hidden, d_weight, d_bias)``:
+the loss (``reduction`` "mean" or "sum" of the per-token losses) and its gradients for an upstream
+gradient of 1, computed together in one pass over token chunks with 3 matmuls per chunk (logits,
+d_hidden rows, d_weight accumulation). Arithmetic is float32 (float64 for float64 inputs) from the
+matmul on; d_weight is accumulated in that precision and rounded once at the end, so the result is at
+least as exact as eager PyTorch's.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .chunked_torch import _logits, _rows_per_chunk, _target_status, stat_dtype
+from .options import LossOptions
+
+
+def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, opts: LossOptions,
+            reduction: str, *, need_d_hidden: bool = True, need_d_weight: bool = True, need_d_bias: bool = True,
+            tokens_per_chunk: Optional[int] = None):
+    """(loss 0-d [stat dtype], d_hidden [N, D] input dtype | None, d_weight [V, D] | None,
+    d_bias [V] stat dtype | None)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"the fast path computes a 'mean' or 'sum' loss, got {reduction!r}")
+    n, v = hidden.shape[0], weight.shape[0]
+    cd = stat_dtype(hidden)
+    dev = hidden.device
+    w = weight.to(cd)
+    b = None if bias is None else bias.to(cd)
+    eps = opts.label_smoothing
+    count = (targets != opts.ignore_index).sum()
+    coef = 1.0 / count.clamp_min(1).to(cd) if reduction == "mean" else torch.ones((), dtype=cd, device=dev)
+    d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_d_hidden else None
+    d_weight = torch.zeros(weight.shape, dtype=cd, device=dev) if need_d_weight else None
+    d_bias = torch.zeros(v, dtype=cd, device=dev) if (need_d_bias and bias is not None) else None
+    total = torch.zeros((), dtype=cd, device=dev)
+    step = tokens_per_chunk or _rows_per_chunk(n, v)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        h = hidden[s:e].to(cd)
+        z, th = _logits(h, w, b, opts)
+        valid, bad, idx = _target_status(targets[s:e], v, opts.ignore_index)
+        target_z = z.gather(1, idx[:, None]).squeeze(1)
+        mean_z = z.mean(dim=-1) if eps else None
+        row_max = z.amax(dim=-1, keepdim=True)
+        # z becomes exp(z - max) in place, then the softmax
+        p = z.sub_(row_max).exp_()
+        sum_exp = p.sum(dim=-1)
+        lse = sum_exp.log().add_(row_max.squeeze(1))
+        nll = lse - target_z
+        if eps:
+            nll = (1 - eps) * nll + eps * (lse - mean_z)
+        nll = torch.where(valid, nll, torch.zeros_like(nll))
+        nll = torch.where(bad, torch.full_like(nll, float("nan")), nll)
+        total = total + nll.sum()
+        # Row weight: coef on valid rows, 0 on ignored rows, NaN on out-of-range targets.
+        g = torch.where(valid, coef.expand(e - s), torch.zeros((), dtype=cd, device=dev))
+        g = torch.where(bad, torch.full_like(g, float("nan")), g)
+        dz = p.div_(sum_exp[:, None]).mul_(g[:, None])  # softmax * row weight, in place
+        dz.scatter_add_(1, idx[:, None], (-(1 - eps) * g)[:, None])
+        if eps:
+            dz -= (g * (eps / v))[:, None]
+        if th is not None:
+            dz.mul_(th.mul_(th).neg_().add_(1))  # 1 - tanh^2
+        if opts.logit_scale != 1.0:
+            dz *= opts.logit_scale
+        if d_hidden is not None:
+            d_hidden[s:e] = (dz @ w).to(hidden.dtype)
+        if d_weight is not None:
+            d_weight += dz.T @ h
+        if d_bias is not None:
+            d_bias += dz.sum(dim=0)
+    loss = total / count if reduction == "mean" else total
+    return loss, d_hidden, None if d_weight is None else d_weight.to(weight.dtype), d_bias

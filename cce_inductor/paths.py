@@ -1,0 +1,181 @@
+"""Which path computes the loss, and how the fast path chunks its tokens: pure arithmetic on sizes.
+
+Two paths share the one public function ``linear_cross_entropy``:
+
+* **fast**: valid when the loss is a scalar (reduction "mean"/"sum", no lse output) and a gradient is
+  needed. Three matmuls, gradients formed in the forward, token chunks of ``tokens_per_chunk``:
+  logits chunk (cuBLAS) -> one row kernel (lse, loss, d(logits) in place) -> d_hidden rows (cuBLAS) and
+  d_weight += d(logits)^T @ hidden (accumulated exactly across chunks). Workspace: the logits chunk
+  (``tokens_per_chunk * V`` elements of the input dtype) + the d_weight rounding remainder (V*D bytes as
+  int8 or V*D/2 as int4; none for fp32 or a single chunk).
+* **low_memory**: everything else, and the fast path's fallback when its workspace does not fit: four
+  matmuls (the backward recomputes the logits per vocabulary chunk), memory ~1.1x the two gradients.
+
+``choose_path`` is a pure function of sizes and flags, so the graph rewrite can call it at rewrite time
+(with the sizes' hints) and ``explain`` can report the decision; the op makes the same decision again
+from the actual sizes when it runs. SymInts are accepted (their hints are used; no guards).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+MiB = 1 << 20
+# Bytes kept aside for small per-chunk buffers (per-token loss, d_bias, cuBLAS workspace).
+SAFETY_BYTES = 16 * MiB
+# Tokens per chunk are a multiple of this (the d_weight kernel's K loop, cuBLAS-friendly shapes).
+CHUNK_ALIGN = 64
+PATHS = ("auto", "fast", "low_memory")
+REMAINDERS = ("auto", "int8", "int4")
+
+
+class PathChoice(NamedTuple):
+    path: str              # "fast" | "low_memory"
+    tokens_per_chunk: int  # fast path: tokens per chunk; low_memory: 0
+    reason: str
+
+
+class FastPlan(NamedTuple):
+    tokens_per_chunk: int
+    n_chunks: int
+    remainder: str          # "none" | "int8" | "int4"
+    workspace_bytes: int    # logits chunk + remainder
+    budget_bytes: int       # what the memory fraction allows beyond the gradients (may be < 0)
+
+
+def _hint(x) -> int:
+    """A plain int for an int or a SymInt (its hint: no guard is installed). An unbacked SymInt without
+    a hint counts as 8192 tokens (the decision is re-made from the real size when the op runs)."""
+    if isinstance(x, torch.SymInt):
+        node = x.node
+        hint = getattr(node, "hint", None)
+        if hint is None and getattr(node, "shape_env", None) is not None:
+            try:
+                hint = node.shape_env.size_hint(node.expr)
+            except Exception:  # noqa: BLE001 - unbacked without a fallback
+                hint = None
+        return int(hint) if hint is not None else 8192
+    return int(x)
+
+
+def _elem_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def remainder_bytes(V: int, D: int, remainder: str) -> int:
+    return {"none": 0, "int8": V * D, "int4": V * ((D + 1) // 2)}[remainder]
+
+
+def _tokens_for(N: int, max_tokens: int) -> tuple[int, int]:
+    """(tokens per chunk, chunks): balanced chunks of at most max_tokens, aligned to CHUNK_ALIGN."""
+    if max_tokens >= N:
+        return N, 1
+    cap = max(CHUNK_ALIGN, max_tokens // CHUNK_ALIGN * CHUNK_ALIGN)
+    n_chunks = -(-N // cap)
+    nc = -(-N // n_chunks)
+    nc = min(cap, -(-nc // CHUNK_ALIGN) * CHUNK_ALIGN)
+    return nc, -(-N // nc)
+
+
+def plan_fast(N, D, V, dtype: torch.dtype, *, memory_fraction: Optional[float] = None,
+              tokens_per_chunk: Optional[int] = None, remainder: Optional[str] = None,
+              min_tokens: Optional[int] = None, force: bool = False) -> Optional[FastPlan]:
+    """The fast path's chunking under the memory budget, or None when no chunk of ``min_tokens`` fits.
+
+    Budget: peak = gradients + workspace <= memory_fraction * (gradients + N*V logits), all in the input
+    dtype (what keeping the logits costs, i.e. torch.compile's fused loss). Explicit ``tokens_per_chunk``
+    bypasses the budget (always returns a plan); so does ``force`` when nothing fits (then the smallest
+    chunk, ``min_tokens``, with the smallest remainder).
+    """
+    from . import config
+
+    N, D, V = _hint(N), _hint(D), _hint(V)
+    fraction = config.fast_path_memory_fraction if memory_fraction is None else memory_fraction
+    tokens = config.fast_path_tokens_per_chunk if tokens_per_chunk is None else tokens_per_chunk
+    rem_pref = config.fast_path_remainder if remainder is None else remainder
+    min_tokens = config.fast_path_min_tokens_per_chunk if min_tokens is None else min_tokens
+    if rem_pref not in REMAINDERS:
+        raise ValueError(f"fast_path_remainder must be one of {REMAINDERS}, got {rem_pref!r}")
+    e = _elem_bytes(dtype)
+    grads = (N + V) * D * e
+    budget = int(fraction * (grads + N * V * e)) - grads - SAFETY_BYTES
+    exact_acc = e >= 4  # fp32/fp64 accumulate in place: no remainder
+
+    def rem_for(n_chunks: int, pref: str) -> str:
+        if exact_acc or n_chunks <= 1:
+            return "none"
+        return "int8" if pref == "auto" else pref
+
+    if tokens is not None:
+        nc, n = _tokens_for(N, max(1, int(tokens)))
+        rem = rem_for(n, rem_pref)
+        if rem_pref == "auto" and rem != "none":
+            rem = "int4"
+        return FastPlan(nc, n, rem, nc * V * e + remainder_bytes(V, D, rem), budget)
+    if N == 0:
+        return FastPlan(0, 0, "none", 0, budget)
+    candidates = []
+    if N * V * e <= budget and N <= config.fast_path_max_tokens_per_chunk:  # one chunk: no remainder
+        candidates.append(FastPlan(N, 1, "none", N * V * e, budget))
+    else:
+        prefs = ["none"] if exact_acc else (["int8", "int4"] if rem_pref == "auto" else [rem_pref])
+        for rem in prefs:
+            room = budget - remainder_bytes(V, D, rem)
+            if room < min(N, min_tokens) * V * e:
+                continue
+            nc, n = _tokens_for(N, min(room // (V * e), config.fast_path_max_tokens_per_chunk))
+            candidates.append(FastPlan(nc, n, rem if n > 1 else "none",
+                                       nc * V * e + remainder_bytes(V, D, rem if n > 1 else "none"), budget))
+    if not candidates:
+        if not force:
+            return None
+        return plan_fast(N, D, V, dtype, memory_fraction=fraction, tokens_per_chunk=min_tokens,
+                         remainder="int4" if rem_pref == "auto" else rem_pref)
+    # Fewest chunks (each one is a read-modify-write pass over d_weight); on a tie the first (int8:
+    # the more exact remainder).
+    return min(candidates, key=lambda p: p.n_chunks)
+
+
+def choose_path(N, D, V, dtype: torch.dtype, device, reduction: str, return_lse: bool, needs_grad: bool,
+                path: Optional[str] = None) -> PathChoice:
+    """("fast" | "low_memory", tokens_per_chunk, reason) for a loss of N tokens, hidden D, vocabulary V.
+
+    ``path``: "auto" | "fast" | "low_memory" (None: ``cce_inductor.config.path``). ``device`` is accepted
+    for the rewrite's convenience (both paths run everywhere: Triton kernels on CUDA, PyTorch on the
+    CPU) and does not change the decision.
+    """
+    from . import config
+
+    path = config.path if path is None else path
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "low_memory":
+        return PathChoice("low_memory", 0, "path='low_memory' requested")
+    if reduction not in ("mean", "sum"):
+        return PathChoice("low_memory", 0, f"reduction={reduction!r} needs per-token gradients (fast path: scalar loss only)")
+    if return_lse:
+        return PathChoice("low_memory", 0, "the lse output needs its own gradient (fast path: loss only)")
+    if not needs_grad:
+        return PathChoice("low_memory", 0, "no gradient needed (forward only)")
+    if path == "fast":
+        plan = plan_fast(N, D, V, dtype, force=True)
+        return PathChoice("fast", plan.tokens_per_chunk, "path='fast' requested")
+    plan = plan_fast(N, D, V, dtype)
+    if plan is None:
+        e = _elem_bytes(dtype)
+        return PathChoice("low_memory", 0,
+                          f"the fast path's workspace does not fit fast_path_memory_fraction="
+                          f"{config.fast_path_memory_fraction} (budget {plan_budget_mib(N, D, V, e):.0f} MiB "
+                          f"beyond the gradients)")
+    return PathChoice("fast", plan.tokens_per_chunk,
+                      f"fits the memory budget: {plan.n_chunks} chunk(s) of {plan.tokens_per_chunk} tokens, "
+                      f"remainder {plan.remainder}, workspace {plan.workspace_bytes / MiB:.0f} MiB")
+
+
+def plan_budget_mib(N, D, V, elem_bytes: int) -> float:
+    from . import config
+
+    N, D, V = _hint(N), _hint(D), _hint(V)
+    grads = (N + V) * D * elem_bytes
+    return (config.fast_path_memory_fraction * (grads + N * V * elem_bytes) - grads - SAFETY_BYTES) / MiB
