@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import cce_inductor  # noqa: E402
 from cce_inductor import config  # noqa: E402
 from cce_inductor.kernels.config import Tile  # noqa: E402
-from cce_inductor.kernels.reference import reference_loss_and_grads, rel_err  # noqa: E402
+from cce_inductor.reference import reference_loss_and_grads, rel_err  # noqa: E402
 from cce_inductor.options import LossOptions  # noqa: E402
 from cce_inductor.paths import choose_path, plan_fast  # noqa: E402
 

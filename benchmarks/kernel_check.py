@@ -21,7 +21,7 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cce_inductor.kernels import Tile, pick_config, triton_backward, triton_forward  # noqa: E402
 from cce_inductor.kernels.config import chunk_budget  # noqa: E402
-from cce_inductor.kernels.reference import reference_loss_and_grads, rel_err  # noqa: E402
+from cce_inductor.reference import reference_loss_and_grads, rel_err  # noqa: E402
 from cce_inductor.options import LossOptions  # noqa: E402
 
 SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}

@@ -12,7 +12,7 @@ Shapes: gemma2 (D=2304, V=256000) and llama3 (D=4096, V=128256), bf16, N = 8192 
 Per cell: fwd+bwd median time (triton.testing.do_bench), peak memory over the inputs
 (max_memory_allocated after a reset, minus what was allocated before the call: logits, workspace and
 the two gradients), and, at --err-tokens only, the relative error of loss, dE and dC against the
-project's float64 reference (cce_inductor.kernels.reference, token chunks, on the GPU). An
+project's float64 reference (cce_inductor.reference, token chunks, on the GPU). An
 out-of-memory cell is reported as OOM.
 
 Writes $OUT/sweep.md (tables, GPU, date, versions) and $OUT/sweep.png (time and memory vs tokens, one
@@ -110,7 +110,7 @@ def make_inputs(N, D, V, regime, seed=1):
 @torch.no_grad()
 def reference(e, c, t):
     """Float64 loss, dE, dC of mean cross-entropy: the project's chunked float64 reference."""
-    from cce_inductor.kernels.reference import reference_loss_and_grads
+    from cce_inductor.reference import reference_loss_and_grads
     from cce_inductor.options import LossOptions
 
     N = e.shape[0]
@@ -120,7 +120,7 @@ def reference(e, c, t):
 
 
 def rel(a, b):
-    from cce_inductor.kernels.reference import rel_err
+    from cce_inductor.reference import rel_err
 
     return rel_err(a, b)
 

@@ -16,20 +16,22 @@ from cce_inductor.reference import reference_linear_cross_entropy, rel_err  # no
 # ---- inputs ------------------------------------------------------------------------------------
 
 def make_inputs(shape=(2, 5), d=6, v=11, dtype=torch.float64, *, bias=True, scale=1.0, ignore_frac=0.2,
-                ignore_index=-100, seed=0, device="cpu", requires_grad=True):
+                ignore_index=-100, seed=0, generator=None, device="cpu", requires_grad=True):
     """Random (never zero) ``(hidden [*shape, d], weight [v, d], bias [v] or None, targets shape)``.
 
     Logits have a standard deviation of about ``scale``; a fraction ``ignore_frac`` of the targets is
     ``ignore_index``. Floating tensors are leaves that require grad (unless ``requires_grad=False``).
+    Values are drawn on ``device`` from ``generator`` (or a new one seeded with ``seed``).
     """
-    g = torch.Generator().manual_seed(seed)
+    g = generator if generator is not None else torch.Generator(device=device).manual_seed(seed)
+    dev = g.device
     shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
-    h = torch.randn(*shape, d, generator=g, dtype=torch.float64)
-    w = torch.randn(v, d, generator=g, dtype=torch.float64) * (scale / max(d, 1) ** 0.5)
-    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.5 if bias else None
-    y = torch.randint(0, v, shape, generator=g)
+    h = torch.randn(*shape, d, generator=g, device=dev)
+    w = torch.randn(v, d, generator=g, device=dev) * (scale / max(d, 1) ** 0.5)
+    b = torch.randn(v, generator=g, device=dev) * 0.5 if bias else None
+    y = torch.randint(0, v, shape, generator=g, device=dev)
     if ignore_frac:
-        y[torch.rand(shape, generator=g) < ignore_frac] = ignore_index
+        y[torch.rand(shape, generator=g, device=dev) < ignore_frac] = ignore_index
 
     def prep(t):
         if t is None:
@@ -37,6 +39,29 @@ def make_inputs(shape=(2, 5), d=6, v=11, dtype=torch.float64, *, bias=True, scal
         t = t.to(device=device, dtype=dtype)
         return t.requires_grad_() if requires_grad else t
     return prep(h), prep(w), prep(b), y.to(device)
+
+
+def kernel_inputs(N, D, V, dtype, has_bias, gen, logit_std=2.0):
+    """:func:`make_inputs` as the kernel tests use it: flat ``[N, D]`` tensors without grad, no ignored
+    targets, drawn from ``gen``."""
+    return make_inputs((N,), D, V, dtype, bias=has_bias, scale=logit_std, ignore_frac=0.0, generator=gen,
+                       requires_grad=False)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every torch.empty / empty_like returns NaN (floats) or a huge value (ints): unwritten output shows."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(123456789)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
 
 
 # ---- references ----------------------------------------------------------------------------------

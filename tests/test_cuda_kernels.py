@@ -7,17 +7,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 from cce_inductor.kernels import triton_backward, triton_forward  # noqa: E402
 from cce_inductor.kernels.config import pick_config  # noqa: E402
-from cce_inductor.kernels.reference import reference_loss_and_grads, rel_err  # noqa: E402
+from cce_inductor.reference import reference_loss_and_grads, rel_err  # noqa: E402
 from cce_inductor.options import LossOptions  # noqa: E402
+
+from helpers import make_inputs  # noqa: E402
 
 SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
 
 
 def model_inputs(N, D, V, dtype=torch.bfloat16, seed=0, logit_std=2.0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    h = torch.randn(N, D, device="cuda", generator=g).to(dtype)
-    w = (torch.randn(V, D, device="cuda", generator=g) * (logit_std / D ** 0.5)).to(dtype)
-    t = torch.randint(0, V, (N,), device="cuda", generator=g)
+    h, w, _, t = make_inputs((N,), D, V, dtype, bias=False, scale=logit_std, ignore_frac=0.0, seed=seed,
+                             device="cuda", requires_grad=False)
     return h, w, t
 
 

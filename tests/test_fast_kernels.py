@@ -12,10 +12,10 @@ from cce_inductor import fast_torch  # noqa: E402
 from cce_inductor.kernels.accumulate import accumulate_matmul, new_remainder  # noqa: E402
 from cce_inductor.kernels.config import INTERPRETER_CONFIG, Tile  # noqa: E402
 from cce_inductor.kernels.fast import triton_chunked_forward, triton_fast_forward  # noqa: E402
-from cce_inductor.kernels.reference import reference_loss_and_grads, rel_err  # noqa: E402
+from cce_inductor.reference import reference_loss_and_grads, rel_err  # noqa: E402
 from cce_inductor.options import LossOptions  # noqa: E402
 
-from test_kernels import make_inputs, poison  # noqa: E402,F401  (fixture)
+from helpers import kernel_inputs as make_inputs, poison  # noqa: E402,F401  (poison: a fixture)
 
 # 16-bit tolerances: the logits are a 16-bit matmul output (as eager's are) and the gradients 16-bit.
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}

@@ -11,8 +11,10 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from cce_inductor.kernels import KernelConfig, triton_backward, triton_forward  # noqa: E402
 from cce_inductor.kernels.config import INTERPRETER_CONFIG, chunk_width, forward_splits  # noqa: E402
-from cce_inductor.kernels.reference import reference_loss_and_grads, rel_err  # noqa: E402
+from cce_inductor.reference import reference_loss_and_grads, rel_err  # noqa: E402
 from cce_inductor.options import LossOptions  # noqa: E402
+
+from helpers import kernel_inputs as make_inputs, poison  # noqa: E402,F401  (poison: a fixture)
 
 # Forces several vocab splits in the forward and several vocab chunks in the backward on tiny shapes.
 SMALL = INTERPRETER_CONFIG.with_(splits=3, chunk_cols=32)
@@ -22,30 +24,6 @@ SMALL = INTERPRETER_CONFIG.with_(splits=3, chunk_cols=32)
 # accumulation of exactly-representable inputs) and is held to fp32 accuracy for every dtype.
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 FWD_TOL = 2e-5
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Every torch.empty / empty_like returns NaN (floats) or a huge value (ints): unwritten output shows."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype in (torch.int32, torch.int64):
-            t.fill_(123456789)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
-
-
-def make_inputs(N, D, V, dtype, has_bias, gen, logit_std=2.0):
-    h = torch.randn(N, D, generator=gen).to(dtype)
-    w = (torch.randn(V, D, generator=gen) * (logit_std / max(D, 1) ** 0.5)).to(dtype)
-    b = (torch.randn(V, generator=gen) * 0.5).to(dtype) if has_bias else None
-    t = torch.randint(0, V, (N,), generator=gen)
-    return h, w, b, t
 
 
 def run_and_check(h, w, b, t, opts, cfg, gen, with_glse=True, grad_tol=None, expect_nan_rows=()):

@@ -11,7 +11,7 @@ from cce_inductor.kernels.device import (KNOWN_DEVICES, KernelDoesNotFit, SMEM_M
                                          limits_from, tile_smem)
 from cce_inductor.paths import SAFETY_BYTES, choose_path, plan_fast, remainder_bytes
 
-from _reference import make_inputs
+from helpers import make_inputs
 
 MiB = 2**20
 SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
