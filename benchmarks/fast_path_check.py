@@ -252,6 +252,10 @@ def main():
         measure(shape, "eager", eager, e, c, t, ref, rep, nograd_fn=eager)
         measure(shape, "torch.compile", compiled, e, c, t, ref, rep, nograd_fn=compiled_nograd)
         measure(shape, "fast (default)", op(), e, c, t, ref, rep)
+        # an upstream gradient that is not a power of two (loss / 3): the backward's in-place scaling
+        third = (ref[0] / 3, ref[1] / 3, ref[2] / 3)
+        measure(shape, "eager, loss/3", lambda e, c, t: eager(e, c, t) / 3, e, c, t, third, rep // 4)
+        measure(shape, "fast (default), loss/3", lambda e, c, t: op()(e, c, t) / 3, e, c, t, third, rep // 4)
         variants = [(2048, "int4"), (1024, "int4"), (1024, "int8"), (4096, "int4")]
         if a.quick:
             variants = variants[:2]

@@ -64,7 +64,8 @@ def test_mode_and_options_reach_inductor(monkeypatch, how, kw, expect):
     h, w, b, y = make_inputs(d=D, v=V)
     backend = "cce" if how == "name" else B.make_backend("inductor")
     got = torch.compile(loss_fn, backend=backend, fullgraph=True, **kw)(h, w, y)
-    torch.testing.assert_close(got, loss_fn(h, w, y), rtol=1e-12, atol=1e-12)
+    # eager rounds the float64 logits to float32 (.float()); the op keeps float64 arithmetic
+    torch.testing.assert_close(got, loss_fn(h, w, y), rtol=1e-6, atol=1e-7)
     assert len(seen) == 1 and seen[0][1], seen
     assert expect.items() <= seen[0][0].items(), seen
 
