@@ -78,6 +78,12 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+def _is_dtensor(t) -> bool:
+    from .distributed.functional import _is_dtensor as is_dtensor
+
+    return is_dtensor(t)
+
+
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                          softcap: Optional[float] = None, logit_scale: float = 1.0, return_lse: bool = False):
@@ -97,7 +103,16 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     (float32, ``hidden.shape[:-1]``, differentiable: a z-loss can use it).
 
     Under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype, as ``F.linear`` would.
+
+    A DTensor ``weight`` sharded on the vocabulary (``Shard(0)`` on a 1-D mesh, ``ColwiseParallel``) with a
+    DTensor ``hidden`` takes the vocabulary-parallel path (:mod:`cce_inductor.distributed`).
     """
+    if _is_dtensor(weight) or _is_dtensor(hidden):  # a vocabulary-sharded (tensor-parallel) lm-head
+        from .distributed.dtensor import dtensor_vocab_parallel_linear_cross_entropy
+
+        return dtensor_vocab_parallel_linear_cross_entropy(
+            hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale, return_lse=return_lse)
     amp_dtype = _autocast_dtype(hidden.device.type)
     if amp_dtype is not None:
         hidden, weight = hidden.to(amp_dtype), weight.to(amp_dtype)
