@@ -9,10 +9,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _dist_util import run_workers
+from _dist_util import WorkerPool
 from _reference import float64_reference, loss_and_grads, make_inputs, rel_err
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+@pytest.fixture(scope="module")
+def workers():
+    with WorkerPool(2) as pool:
+        yield pool
 
 
 def _shard(t, rank, world):
@@ -102,8 +108,8 @@ def _grid_worker(rank, world):
     return n + 2, failures
 
 
-def test_every_option_matches_float64_reference():
-    results = run_workers(_grid_worker)
+def test_every_option_matches_float64_reference(workers):
+    results = workers.run(_grid_worker)
     for n, failures in results:
         assert n == 2 * 3 * 2 * 2 * 2 * 2 + 16 + 2 + 2
         assert not failures, "\n".join(failures[:20])
@@ -171,8 +177,8 @@ def _edge_worker(rank, world):
     return failures
 
 
-def test_edges_chunks_empty_shard_nan_and_errors():
-    for failures in run_workers(_edge_worker):
+def test_edges_chunks_empty_shard_nan_and_errors(workers):
+    for failures in workers.run(_edge_worker):
         assert not failures, "\n".join(failures)
 
 
@@ -232,8 +238,8 @@ def _dtensor_worker(rank, world):
     return failures
 
 
-def test_dtensor_entry():
-    for failures in run_workers(_dtensor_worker):
+def test_dtensor_entry(workers):
+    for failures in workers.run(_dtensor_worker):
         assert not failures, "\n".join(failures)
 
 
@@ -301,8 +307,8 @@ def _compile_worker(rank, world, backend):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(backend):
-    for failures in run_workers(_compile_worker, backend, timeout=240):
+def test_torch_compile_fullgraph(workers, backend):
+    for failures in workers.run(_compile_worker, backend, timeout=240):
         assert not failures, "\n".join(failures)
 
 
@@ -326,7 +332,7 @@ def _opcheck_worker(rank, world):
     return out
 
 
-def test_opcheck():
-    for res in run_workers(_opcheck_worker):
+def test_opcheck(workers):
+    for res in workers.run(_opcheck_worker):
         for which, r in res.items():
             assert all(v == "SUCCESS" for v in r.values()), (which, r)
