@@ -97,16 +97,16 @@ def dtensor_vocab_parallel_linear_cross_entropy(hidden, weight, targets, *, bias
                                                 softcap: Optional[float] = None, logit_scale: float = 1.0,
                                                 return_lse: bool = False, allow_plain_hidden: bool = False,
                                                 vocab_size: Optional[int] = None,
-                                                group_name: Optional[str] = None):
+                                                group_name: Optional[str] = None, apply_autocast: bool = True):
     """The vocabulary-parallel loss for DTensor arguments (see the module docstring).
 
     ``allow_plain_hidden=True`` (the explicit ``vocab_parallel_linear_cross_entropy``) accepts a plain hidden
     the caller promises is the same on every rank. ``group_name`` (the mesh's group) is looked up when None;
-    the graph rewrite passes it so no lookup is traced.
+    the graph rewrite passes it so no lookup is traced, and ``apply_autocast=False`` (it chose the dtypes).
     """
     from torch.distributed.tensor import DTensor
 
-    amp = _autocast_dtype(hidden.device.type)
+    amp = _autocast_dtype(hidden.device.type) if apply_autocast else None
     if amp is not None:
         hidden, weight = hidden.to(amp), weight.to(amp)
         bias = None if bias is None else bias.to(amp)

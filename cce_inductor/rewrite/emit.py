@@ -162,7 +162,9 @@ def _emit_rewrite(graph: Graph, m: Match, emit: _Emitter, compute: Optional[torc
                   label_smoothing=m.label_smoothing, softcap=softcap, logit_scale=scale)
     if lses:
         kwargs["return_lse"] = True
-    call = emit("call_function", _op(), (h, w, m.target), kwargs)
+    if m.parallel is not None:  # a vocabulary-sharded DTensor lm-head (cce_inductor.distributed.rewrite_hook)
+        kwargs.update(m.parallel.kwargs)
+    call = emit("call_function", _op() if m.parallel is None else m.parallel.target, (h, w, m.target), kwargs)
     if lses:
         out = emit("call_function", operator.getitem, (call, 0))
         lse = emit("call_function", operator.getitem, (call, 1))
@@ -240,6 +242,8 @@ def _emit_rewrite(graph: Graph, m: Match, emit: _Emitter, compute: Optional[torc
                      f"{', '.join(outside)}); the fp32 upcast and log-softmax copies are still avoided")
     if lses:
         notes.append(f"{len(lses)} logsumexp (z-loss) served by the op's lse")
+    if m.parallel is not None:
+        notes.append(m.parallel.note)
     n_sym = "x".join(str(s) for s in t_shape) or "1"
     return Rewrite(location(loss), m.kind, mm.spelling, n_sym if n_tok is None else n_tok, _size_str(m.D),
                    _size_str(m.V),

@@ -9,6 +9,7 @@ from torch.fx import Node
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .fx_util import _bind, _call, _describe, _dtype, _is_number, _last_dim, _norm_dim, _shape, _val
+from ..distributed.rewrite_hook import redistribute_source
 from .spellings import (
     _CE_FNS,
     _CE_SIG,
@@ -50,6 +51,7 @@ class Match:
     steps: list  # from the loss upwards
     V: Any  # int, or a SymInt under dynamic shapes
     D: Any
+    parallel: Any = None  # a distributed.rewrite_hook.ParallelCall for a vocabulary-sharded DTensor lm-head
 
 
 def _loss_args(node: Node) -> dict:
@@ -139,6 +141,10 @@ def match_loss(loss: Node) -> Match:
             continue
         if not class_last and match_matmul(cur) is not None:
             raise Miss("class dim of the loss is not the vocabulary dim (no transpose to (N, C, d...))")
+        if (r := redistribute_source(cur)) is not None:  # DTensor.redistribute: same global values
+            steps.append(Step("cast", cur, r))
+            cur = r
+            continue
         raise Miss(f"unsupported op between the matmul and the loss: {_describe(cur)}")
     else:
         raise Miss("chain too long")
@@ -150,14 +156,24 @@ def match_loss(loss: Node) -> Match:
     d = hs[-1]
     if not (_dtype(mm.hidden) or torch.int64).is_floating_point:
         raise Miss("hidden is not floating point")
-    for name, node in (("hidden", mm.hidden), ("weight", mm.weight if mm.weight is not None else mm.weight_t),
-                       ("bias", mm.bias), ("target", a["target"])):
-        if isinstance(node, Node) and is_traceable_wrapper_subclass(_val(node)):
-            raise Miss(f"{name} is a tensor subclass ({type(_val(node)).__name__}, e.g. a sharded DTensor): "
-                       "the op takes plain tensors")
+    parallel = _plan_parallel(mm, a["target"], steps)
     _check_order(steps, is_ce, mm)
     return Match(loss, "cross_entropy" if is_ce else "nll_loss", a["target"], a["ignore_index"], a["reduction"],
-                 float(a["label_smoothing"]), mm, steps, v, d)
+                 float(a["label_smoothing"]), mm, steps, v, d, parallel)
+
+
+def _plan_parallel(mm: Matmul, target: Node, steps: list):
+    """Tensor-subclass (DTensor) inputs: the vocabulary-parallel call, or a miss with the reason."""
+    from ..distributed.rewrite_hook import NotParallelizable, plan_parallel
+
+    weight = mm.weight if mm.weight is not None else mm.weight_t
+    bias = mm.bias if mm.bias is not None else next((st.value for st in steps if st.kind == "bias"), None)
+    if mm.weight is None and is_traceable_wrapper_subclass(_val(weight)):
+        raise Miss("a DTensor weight given as [D, V] (h @ B) is not supported: only the [V, D] lm-head weight")
+    try:
+        return plan_parallel(mm.hidden, weight, bias, target)
+    except NotParallelizable as e:
+        raise Miss(str(e)) from e
 
 
 def _check_order(steps: list, is_ce: bool, mm: Matmul) -> None:
