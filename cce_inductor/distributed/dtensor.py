@@ -97,12 +97,14 @@ def dtensor_vocab_parallel_linear_cross_entropy(hidden, weight, targets, *, bias
                                                 softcap: Optional[float] = None, logit_scale: float = 1.0,
                                                 return_lse: bool = False, allow_plain_hidden: bool = False,
                                                 vocab_size: Optional[int] = None,
-                                                group_name: Optional[str] = None, apply_autocast: bool = True):
+                                                group_name: Optional[str] = None, apply_autocast: bool = True,
+                                                dtensor_output: Optional[bool] = None):
     """The vocabulary-parallel loss for DTensor arguments (see the module docstring).
 
     ``allow_plain_hidden=True`` (the explicit ``vocab_parallel_linear_cross_entropy``) accepts a plain hidden
     the caller promises is the same on every rank. ``group_name`` (the mesh's group) is looked up when None;
-    the graph rewrite passes it so no lookup is traced, and ``apply_autocast=False`` (it chose the dtypes).
+    the graph rewrite passes it so no lookup is traced, ``apply_autocast=False`` (it chose the dtypes) and
+    ``dtensor_output`` (the type of the loss it replaces; default: a DTensor when ``hidden`` is one).
     """
     from torch.distributed.tensor import DTensor
 
@@ -121,7 +123,9 @@ def dtensor_vocab_parallel_linear_cross_entropy(hidden, weight, targets, *, bias
         None if bias is None else bias.to_local(), group_name=group_name or mesh_group_name(mesh), vocab_start=-1,
         vocab_size=weight.shape[0], ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale, return_lse=return_lse)
-    return _wrap(out, mesh) if isinstance(hidden, DTensor) else out
+    if dtensor_output is None:
+        dtensor_output = isinstance(hidden, DTensor)
+    return _wrap(out, mesh) if dtensor_output else out
 
 
 def _wrap(out, mesh):

@@ -12,9 +12,10 @@ gloo, 2 processes) reads::
 
 (``mesh`` is a graph input too.) The rewrite needs three things from this module:
 
-1. :func:`redistribute_source` — ``x.redistribute(...)`` never changes a DTensor's global value, so the
-   walk from the loss to the matmul treats it as a value-preserving step (like a cast to the same dtype),
-   which is erased with the rest of the chain.
+1. :func:`value_preserving_source` — ``x.redistribute(...)`` never changes a DTensor's global value (nor do
+   ``x.full_tensor()`` and ``x.to_local()`` of a ``Replicate`` DTensor), so the walk from the loss to the
+   matmul treats it as a value-preserving step (like a cast to the same dtype), which is erased with the
+   rest of the chain.
 2. :func:`plan_parallel` — given the matched hidden / weight / bias / target nodes, either ``None`` (no
    DTensor: the single-process op), or a :class:`ParallelCall` (what to emit instead), or a
    :class:`NotParallelizable` exception whose message is the miss reason (e.g. a ``Shard(1)`` weight, a
@@ -23,12 +24,13 @@ gloo, 2 processes) reads::
    op and ``ParallelCall.kwargs`` added::
 
        ParallelCall.target(hidden', weight, target, bias=b, ignore_index=..., reduction=...,
-                           label_smoothing=..., softcap=s, logit_scale=a[, return_lse=True],
-                           group_name="<the mesh's process-group name>")
+                               label_smoothing=..., softcap=s, logit_scale=a[, return_lse=True],
+                           group_name="<the mesh's process-group name>", dtensor_output=<bool>)
 
    ``hidden'`` is the matched DTensor hidden with the layout steps replayed (they work on DTensors), the
-   weight and bias the matched DTensor nodes. The call returns a ``Replicate`` DTensor (and lse), as the
-   ``loss_parallel`` cross-entropy did. It runs on the fake DTensors Dynamo recorded (``example_value``).
+   weight and bias the matched DTensor nodes. The call returns a ``Replicate`` DTensor (and lse) when the
+   loss it replaces was a DTensor (``loss_parallel``), a plain tensor when it was one (logits gathered with
+   ``to_local()``). It runs on the fake DTensors Dynamo recorded (``example_value``).
 """
 from __future__ import annotations
 
@@ -55,17 +57,37 @@ def _is_dtensor(v: Any) -> bool:
     return is_dtensor(v)
 
 
-def redistribute_source(node: Any) -> Optional[Node]:
-    """``x`` for ``x.redistribute(...)`` (a DTensor to a DTensor of the same global shape and dtype)."""
-    if not isinstance(node, Node) or node.op != "call_method" or node.target != "redistribute":
+def _replicated(v: Any) -> bool:
+    from torch.distributed.tensor import Replicate
+
+    return all(isinstance(p, Replicate) for p in v.placements)
+
+
+def value_preserving_source(node: Any) -> Optional[Node]:
+    """``x`` when ``node`` hands on ``x``'s values unchanged, with only the DTensor wrapping changed:
+
+    * ``x.redistribute(...)`` — a DTensor's global value never changes with its placements;
+    * ``x.full_tensor()`` — the global value as a plain tensor;
+    * ``x.to_local()`` of a ``Replicate`` DTensor — the local tensor is the global value
+      (``ColwiseParallel(output_layouts=Replicate())`` with ``use_local_output=True`` ends this way).
+
+    ``to_local()`` of a sharded DTensor is not one: the loss would see one rank's vocabulary shard.
+    """
+    if not isinstance(node, Node) or node.op != "call_method" or not node.args:
         return None
-    src = node.args[0] if node.args else None
+    src = node.args[0]
     if not isinstance(src, Node):
         return None
     a, b = _val(src), _val(node)
-    if not (_is_dtensor(a) and _is_dtensor(b)) or a.shape != b.shape or a.dtype != b.dtype:
+    if not _is_dtensor(a) or not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
         return None
-    return src
+    if node.target == "redistribute" and _is_dtensor(b):
+        return src
+    if node.target == "full_tensor" and not node.kwargs:
+        return src
+    if node.target == "to_local" and _replicated(a):
+        return src
+    return None
 
 
 @dataclass
@@ -75,9 +97,9 @@ class ParallelCall:
     note: str = ""
 
 
-def rewrite_call(hidden, weight, targets, *, group_name: str, bias=None, ignore_index: int = -100,
-                 reduction: str = "mean", label_smoothing: float = 0.0, softcap: Optional[float] = None,
-                 logit_scale: float = 1.0, return_lse: bool = False):
+def rewrite_call(hidden, weight, targets, *, group_name: str, dtensor_output: bool, bias=None,
+                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 softcap: Optional[float] = None, logit_scale: float = 1.0, return_lse: bool = False):
     """The callable the rewrite inserts for a vocabulary-sharded DTensor lm-head (no autocast casts: the
     rewrite has already chosen the dtypes; the group is named so nothing about it is traced)."""
     from .dtensor import dtensor_vocab_parallel_linear_cross_entropy
@@ -85,12 +107,13 @@ def rewrite_call(hidden, weight, targets, *, group_name: str, bias=None, ignore_
     return dtensor_vocab_parallel_linear_cross_entropy(
         hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale, return_lse=return_lse,
-        group_name=group_name, apply_autocast=False)
+        group_name=group_name, apply_autocast=False, dtensor_output=dtensor_output)
 
 
-def plan_parallel(hidden: Any, weight: Any, bias: Any, target: Any) -> Optional[ParallelCall]:
+def plan_parallel(hidden: Any, weight: Any, bias: Any, target: Any, loss: Any) -> Optional[ParallelCall]:
     """``None`` when none of the matched values is a DTensor; a :class:`ParallelCall` for a vocabulary-sharded
-    lm-head; raises :class:`NotParallelizable` (message = the miss reason) for any other tensor subclass."""
+    lm-head; raises :class:`NotParallelizable` (message = the miss reason) for any other tensor subclass.
+    ``loss``: the loss node replaced (its value's type, DTensor or not, is what the call returns)."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     vals = {"hidden": _val(hidden), "weight": _val(weight), "bias": _val(bias), "target": _val(target)}
@@ -109,9 +132,9 @@ def plan_parallel(hidden: Any, weight: Any, bias: Any, target: Any) -> Optional[
     mesh = real_mesh(vals["weight"].device_mesh)
     name = mesh_group_name(mesh)
     v, world = vals["weight"].shape[0], mesh.size()
-    return ParallelCall(rewrite_call, {"group_name": name},
+    return ParallelCall(rewrite_call, {"group_name": name, "dtensor_output": _is_dtensor(_val(loss))},
                         f"vocabulary-parallel: V = {v} split over {world} ranks (process group {name!r}), "
                         f"each rank's logits at most a token chunk x {-(-v // world)} at a time")
 
 
-__all__ = ["NotParallelizable", "ParallelCall", "plan_parallel", "redistribute_source", "rewrite_call"]
+__all__ = ["NotParallelizable", "ParallelCall", "plan_parallel", "value_preserving_source", "rewrite_call"]

@@ -9,7 +9,7 @@ from torch.fx import Node
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .fx_util import _bind, _call, _describe, _dtype, _is_number, _last_dim, _norm_dim, _shape, _val
-from ..distributed.rewrite_hook import redistribute_source
+from ..distributed.rewrite_hook import value_preserving_source
 from .spellings import (
     _CE_FNS,
     _CE_SIG,
@@ -141,7 +141,7 @@ def match_loss(loss: Node) -> Match:
             continue
         if not class_last and match_matmul(cur) is not None:
             raise Miss("class dim of the loss is not the vocabulary dim (no transpose to (N, C, d...))")
-        if (r := redistribute_source(cur)) is not None:  # DTensor.redistribute: same global values
+        if (r := value_preserving_source(cur)) is not None:  # DTensor redistribute / to_local: same values
             steps.append(Step("cast", cur, r))
             cur = r
             continue
@@ -156,13 +156,13 @@ def match_loss(loss: Node) -> Match:
     d = hs[-1]
     if not (_dtype(mm.hidden) or torch.int64).is_floating_point:
         raise Miss("hidden is not floating point")
-    parallel = _plan_parallel(mm, a["target"], steps)
+    parallel = _plan_parallel(mm, a["target"], steps, loss)
     _check_order(steps, is_ce, mm)
     return Match(loss, "cross_entropy" if is_ce else "nll_loss", a["target"], a["ignore_index"], a["reduction"],
                  float(a["label_smoothing"]), mm, steps, v, d, parallel)
 
 
-def _plan_parallel(mm: Matmul, target: Node, steps: list):
+def _plan_parallel(mm: Matmul, target: Node, steps: list, loss: Node):
     """Tensor-subclass (DTensor) inputs: the vocabulary-parallel call, or a miss with the reason."""
     from ..distributed.rewrite_hook import NotParallelizable, plan_parallel
 
@@ -171,7 +171,7 @@ def _plan_parallel(mm: Matmul, target: Node, steps: list):
     if mm.weight is None and is_traceable_wrapper_subclass(_val(weight)):
         raise Miss("a DTensor weight given as [D, V] (h @ B) is not supported: only the [V, D] lm-head weight")
     try:
-        return plan_parallel(mm.hidden, weight, bias, target)
+        return plan_parallel(mm.hidden, weight, bias, target, loss)
     except NotParallelizable as e:
         raise Miss(str(e)) from e
 
