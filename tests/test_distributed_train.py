@@ -209,6 +209,12 @@ def _fsdp_worker(rank, world, variant):
     ran = counts["cce::linear_cross_entropy_forward"]
     if ran != (0 if variant == "flat" else 1):
         failures.append(f"{variant}: cce ops in a step: {dict(counts)}")
+    if variant == "flat":  # explain says why nothing was rewritten: the frame with the loss ran eagerly
+        import cce_inductor
+
+        report = cce_inductor.explain(model, ids, labels)
+        if not any("forward" in n and "inside a for/while loop" in n and "FSDP2" in n for n in report.notes):
+            failures.append(f"explain does not say why: {report}")
     return failures
 
 
