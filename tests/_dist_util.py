@@ -23,14 +23,16 @@ import traceback
 import torch
 
 
-def _worker(rank: int, world: int, init_file: str, tasks, results, threads: int):
+def _worker(rank: int, world: int, init_file: str, tasks, results, threads: int, backend: str):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     torch.set_num_threads(threads)
     import torch.distributed as dist
 
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=90))
     except BaseException:
         results.put((None, rank, False, traceback.format_exc()))
@@ -51,11 +53,22 @@ def _worker(rank: int, world: int, init_file: str, tasks, results, threads: int)
                 torch._dynamo.reset()
     finally:
         dist.destroy_process_group()
+        _shutdown_compile_workers()
+
+
+def _shutdown_compile_workers() -> None:
+    """Stop Inductor's compile-worker subprocesses now (at interpreter exit they take seconds)."""
+    try:
+        from torch._inductor.async_compile import shutdown_compile_workers
+    except ImportError:  # pragma: no cover - older torch
+        return
+    shutdown_compile_workers()
 
 
 class WorkerPool:
-    def __init__(self, world_size: int = 2, threads: int = 1):
-        self.world_size, self.threads = world_size, threads
+    def __init__(self, world_size: int = 2, threads: int = 1, backend: str = "gloo"):
+        """``backend="nccl"``: one GPU per rank (``cuda:rank`` is each process's current device)."""
+        self.world_size, self.threads, self.backend = world_size, threads, backend
         self._procs: list = []
         self._ids = itertools.count()
 
@@ -66,7 +79,7 @@ class WorkerPool:
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         init_file = os.path.join(self._tmp.name, "rdzv")
         self._procs = [ctx.Process(target=_worker, args=(r, self.world_size, init_file, self._tasks[r],
-                                                         self._results, self.threads), daemon=True)
+                                                         self._results, self.threads, self.backend), daemon=True)
                        for r in range(self.world_size)]
         for p in self._procs:
             p.start()

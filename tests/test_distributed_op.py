@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from _dist_util import WorkerPool
-from _reference import float64_reference, loss_and_grads, make_inputs, rel_err
+from _reference import float64_reference, make_inputs, rel_err
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -29,19 +29,37 @@ def _shard(t, rank, world):
     return t.detach()[start:start + rows].clone().requires_grad_(t.requires_grad), start, rows
 
 
-def _vp_loss_and_grads(rank, world, hidden, weight, bias, targets, **kw):
-    """Loss, lse and gradients of the vocabulary-parallel op on this rank (plain-tensor entry)."""
+def _vp_loss_and_grads(rank, world, hidden, weight, bias, targets, device="cpu", **kw):
+    """Loss, lse and gradients of the vocabulary-parallel op on this rank (plain-tensor entry), on the CPU."""
     from cce_inductor.distributed import vocab_parallel_linear_cross_entropy
+
+    def dev(t):
+        return None if t is None else t.detach().to(device).requires_grad_(t.requires_grad)
 
     w_local, start, rows = _shard(weight, rank, world)
     b_local = None if bias is None else _shard(bias, rank, world)[0]
-    h = hidden.detach().clone().requires_grad_()
+    h, w_local, b_local = dev(hidden), dev(w_local), dev(b_local)
 
     def fn(h, w, t, bias=None, **kw):
-        return vocab_parallel_linear_cross_entropy(h, w, t, bias=bias, vocab_size=weight.shape[0], **kw)
+        return vocab_parallel_linear_cross_entropy(h, w, t.to(device), bias=bias, vocab_size=weight.shape[0], **kw)
 
-    loss, lse, grads = loss_and_grads(fn, h, w_local, b_local, targets, **kw)
-    return loss, lse, grads, (start, rows)
+    loss, lse, grads = _loss_and_grads(fn, h, w_local, b_local, targets, **kw)
+    cpu = (lambda t: None if t is None else t.cpu())  # noqa: E731
+    return cpu(loss), cpu(lse), tuple(cpu(g) for g in grads), (start, rows)
+
+
+def _loss_and_grads(fn, hidden, weight, bias, targets, upstream_seed=1, **kw):
+    """``_reference.loss_and_grads`` with the upstream gradients on the loss's device (the same values)."""
+    out = fn(hidden, weight, targets, bias=bias, **kw)
+    loss, lse = out if isinstance(out, tuple) else (out, None)
+    params = [p for p in (hidden, weight, bias) if p is not None]
+    if upstream_seed is None:
+        return loss, lse, torch.autograd.grad(loss, params)
+    g = torch.Generator().manual_seed(upstream_seed)
+    total = (loss * torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss)).sum()
+    if lse is not None:
+        total = total + (lse * torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse)).sum()
+    return loss, lse, torch.autograd.grad(total, params)
 
 
 def _compare(tag, got, ref, tol, failures):
@@ -60,11 +78,11 @@ def _compare(tag, got, ref, tol, failures):
         failures.append(f"{tag}: rel err {e:.3g} > {tol:g}")
 
 
-def _check_case(rank, world, tag, dtype, tol, shape, d, v, *, bias, failures, seed=0, **kw):
+def _check_case(rank, world, tag, dtype, tol, shape, d, v, *, bias, failures, seed=0, device="cpu", **kw):
     hidden, weight, b, targets = make_inputs(shape, d, v, dtype, bias=bias, seed=seed, scale=4.0)
     if "ignore_index" in kw:  # the ignored tokens carry the custom ignore_index
         targets[targets == -100] = kw["ignore_index"]
-    loss, lse, grads, (start, rows) = _vp_loss_and_grads(rank, world, hidden, weight, b, targets, **kw)
+    loss, lse, grads, (start, rows) = _vp_loss_and_grads(rank, world, hidden, weight, b, targets, device, **kw)
     r_loss, r_lse, r_grads = float64_reference(hidden, weight, b, targets, **kw)
     _compare(f"{tag} loss", loss, r_loss, tol, failures)
     if kw.get("return_lse"):
@@ -79,31 +97,34 @@ def _check_case(rank, world, tag, dtype, tol, shape, d, v, *, bias, failures, se
         failures.append(f"{tag}: gradient dtypes {grads[0].dtype}, {grads[1].dtype}")
 
 
-def _grid_worker(rank, world):
+def _grid_worker(rank, world, device="cpu"):
     """Every option combination in float64 (tight), a float32 and a bf16 subset, V split unevenly."""
+    import functools
+
     torch.manual_seed(0)
     failures, n = [], 0
+    check = functools.partial(_check_case, device=device)
     grid = itertools.product([False, True], ["mean", "sum", "none"], [0.0, 0.1], [None, 3.0], [1.0, 0.7],
                              [False, True])
     for i, (bias, red, ls, cap, scale, lse) in enumerate(grid):
         kw = dict(reduction=red, label_smoothing=ls, softcap=cap, logit_scale=scale, return_lse=lse)
-        _check_case(rank, world, f"f64 {kw} bias={bias}", torch.float64, 1e-10, (2, 7), 12, 37, bias=bias,
+        check(rank, world, f"f64 {kw} bias={bias}", torch.float64, 1e-10, (2, 7), 12, 37, bias=bias,
                     failures=failures, seed=i, **kw)
         n += 1
     for i, (bias, red, ls, cap) in enumerate(itertools.product([False, True], ["mean", "none"], [0.0, 0.2],
                                                                [None, 2.5])):
         kw = dict(reduction=red, label_smoothing=ls, softcap=cap, logit_scale=1.3, return_lse=True)
-        _check_case(rank, world, f"f32 {kw} bias={bias}", torch.float32, 2e-5, (3, 5), 16, 53, bias=bias,
+        check(rank, world, f"f32 {kw} bias={bias}", torch.float32, 2e-5, (3, 5), 16, 53, bias=bias,
                     failures=failures, seed=100 + i, **kw)
         n += 1
     for red in ("mean", "sum"):
-        _check_case(rank, world, f"bf16 {red}", torch.bfloat16, 2e-2, (4, 8), 32, 64, bias=True,
+        check(rank, world, f"bf16 {red}", torch.bfloat16, 2e-2, (4, 8), 32, 64, bias=True,
                     failures=failures, seed=7, reduction=red, label_smoothing=0.1)
         n += 1
     # a custom ignore_index that is also a valid class id, and no ignored tokens at all
-    _check_case(rank, world, "ignore_index=3", torch.float64, 1e-10, (2, 9), 8, 11, bias=False,
+    check(rank, world, "ignore_index=3", torch.float64, 1e-10, (2, 9), 8, 11, bias=False,
                 failures=failures, seed=3, ignore_index=3)
-    _check_case(rank, world, "plain backward", torch.float64, 1e-10, (10,), 8, 11, bias=True,
+    check(rank, world, "plain backward", torch.float64, 1e-10, (10,), 8, 11, bias=True,
                 failures=failures, seed=4, upstream_seed=None)
     return n + 2, failures
 
@@ -336,3 +357,13 @@ def test_opcheck(workers):
     for res in workers.run(_opcheck_worker):
         for which, r in res.items():
             assert all(v == "SUCCESS" for v in r.values()), (which, r)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+                    reason="needs 2 CUDA GPUs and NCCL")
+def test_every_option_on_two_gpus_nccl():
+    """The option grid on 2 GPUs with NCCL (the op's chunked path on CUDA, NCCL all-reduces)."""
+    with WorkerPool(2, backend="nccl") as pool:
+        for n, failures in pool.run(_grid_worker, "cuda", timeout=300):
+            assert not failures, "\n".join(failures[:20])
