@@ -150,6 +150,14 @@ def _edge_worker(rank, world):
     finally:
         vp.CHUNK_ELEMENTS.clear()
         vp.CHUNK_ELEMENTS.update(old)
+    # 16-bit matmuls (what runs on a GPU for bf16 inputs), exercised on the CPU
+    real = vp._matmul_dtype
+    vp._matmul_dtype = lambda h: h.dtype
+    try:
+        _check_case(rank, world, "bf16 matmuls", torch.bfloat16, 2e-2, (4, 8), 32, 64, bias=True,
+                    failures=failures, seed=16, label_smoothing=0.1, softcap=5.0, logit_scale=0.8, return_lse=True)
+    finally:
+        vp._matmul_dtype = real
     # V = 1 over 2 ranks: rank 1 holds no rows (its local max is -inf, its sum-exp 0)
     _check_case(rank, world, "empty shard", torch.float64, 1e-10, (6,), 4, 1, bias=True, failures=failures,
                 seed=6, ignore_index=-1, label_smoothing=0.3, return_lse=True)

@@ -17,6 +17,11 @@ backward
     ``dW_local = Gᵀ h`` and ``d_bias_local = Σ_rows G`` for the local rows only;
     ``d_hidden = all_reduce_sum(G · W_local)``.
 
+Precision: the arithmetic after the matmul is float32 (float64 for float64 inputs). The matmuls run in
+float32 too, except for 16-bit inputs on an accelerator, where they run in the input dtype on the tensor
+cores (float32 accumulation inside, the logits rounded to 16 bits as eager ``F.linear`` rounds them) and
+are upcast right after.
+
 Collectives: two small all-reduces in the forward (``[N]`` then ``[2 or 3, N]``), one ``[N, D]``
 all-reduce in the backward (in float32, or float64 for float64 inputs). Every rank returns the same
 loss and lse, and the same d_hidden; d_weight / d_bias are the local rows' gradients.
@@ -87,9 +92,22 @@ def _shard_start(pg: dist.ProcessGroup, v_local: int, vocab_start: int, vocab_si
     return start
 
 
-def _local_logits(h: Tensor, w: Tensor, b: Optional[Tensor], opts: LossOptions):
-    """z = softcap(scale * (h @ w.T + b)) for one token chunk; also tanh(.) for the softcap derivative."""
-    z = h @ w.T if b is None else torch.addmm(b, h, w.T)
+def _matmul_dtype(hidden: Tensor) -> torch.dtype:
+    """16-bit inputs on an accelerator: matmuls in that dtype (tensor cores); otherwise the stat dtype."""
+    if hidden.dtype in (torch.float16, torch.bfloat16) and hidden.device.type != "cpu":
+        return hidden.dtype
+    return _stat_dtype(hidden)
+
+
+def _local_logits(h: Tensor, w: Tensor, b: Optional[Tensor], opts: LossOptions, cd: torch.dtype):
+    """z = softcap(scale * (h @ w.T + b)) for one token chunk, in ``cd``; also tanh(.) for the softcap
+    derivative. ``h``/``w`` are in the matmul dtype, ``b`` in ``cd``."""
+    if h.dtype == cd:
+        z = h @ w.T if b is None else torch.addmm(b, h, w.T)
+    else:
+        z = (h @ w.T).to(cd)
+        if b is not None:
+            z.add_(b)
     if opts.logit_scale != 1.0:
         z.mul_(opts.logit_scale)
     if opts.softcap is None:
@@ -109,10 +127,10 @@ def _target_masks(t: Tensor, vocab_size: int, ignore_index: int):
 def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, vocab_start: int,
             vocab_size: int, pg: dist.ProcessGroup, opts: LossOptions) -> tuple[Tensor, Tensor]:
     n, v_local = hidden.shape[0], weight.shape[0]
-    cd = _stat_dtype(hidden)
+    cd, md = _stat_dtype(hidden), _matmul_dtype(hidden)
     start = _shard_start(pg, v_local, vocab_start, vocab_size)
     eps = opts.label_smoothing
-    w = weight.to(cd)
+    w = weight.to(md)
     b = None if bias is None else bias.to(cd)
     local_max = torch.full((n,), float("-inf"), dtype=cd, device=hidden.device)
     # rows of `stats`: sum-exp relative to the local max, the target's logit, the sum of the logits
@@ -121,7 +139,7 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
         step = _rows_per_chunk(n, v_local, hidden.device)
         for s in range(0, n, step):
             e = min(n, s + step)
-            z, _ = _local_logits(hidden[s:e].to(cd), w, b, opts)
+            z, _ = _local_logits(hidden[s:e].to(md), w, b, opts, cd)
             local_t = targets[s:e] - start
             owned = (local_t >= 0) & (local_t < v_local)
             target_z = z.gather(1, local_t.clamp(0, v_local - 1)[:, None]).squeeze(1)
@@ -150,10 +168,10 @@ def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weig
              pg: dist.ProcessGroup, opts: LossOptions, need_d_hidden: bool = True, need_d_weight: bool = True):
     """(d_hidden [N, D] summed over the group | None, d_weight [V_local, D] | None, d_bias [V_local] | None)."""
     n, v_local = hidden.shape[0], weight.shape[0]
-    cd = _stat_dtype(hidden)
+    cd, md = _stat_dtype(hidden), _matmul_dtype(hidden)
     start = _shard_start(pg, v_local, vocab_start, vocab_size)
     eps = opts.label_smoothing
-    w = weight.to(cd)
+    w = weight.to(md)
     b = None if bias is None else bias.to(cd)
     d_hidden = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_d_hidden else None
     d_weight = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_d_weight else None
@@ -168,8 +186,8 @@ def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weig
         step = _rows_per_chunk(n, v_local, hidden.device)
         for s in range(0, n, step):
             e = min(n, s + step)
-            h = hidden[s:e].to(cd)
-            z, th = _local_logits(h, w, b, opts)
+            h = hidden[s:e].to(md)
+            z, th = _local_logits(h, w, b, opts, cd)
             gs = g[s:e]
             dz = z.sub_(lse[s:e, None].to(cd)).exp_().mul_(row_weight[s:e, None])  # softmax * row weight
             local_t = targets[s:e] - start
@@ -182,12 +200,13 @@ def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weig
                 dz.mul_(th.mul_(th).neg_().add_(1))  # 1 - tanh^2
             if opts.logit_scale != 1.0:
                 dz *= opts.logit_scale
-            if d_hidden is not None:
-                d_hidden[s:e] = dz @ w
-            if d_weight is not None:
-                d_weight += dz.T @ h
             if d_bias is not None:
                 d_bias += dz.sum(dim=0)
+            dzm = dz.to(md)  # the matmul dtype (eager's logits gradient is in the logits' dtype too)
+            if d_hidden is not None:
+                d_hidden[s:e] = dzm @ w
+            if d_weight is not None:
+                d_weight += dzm.T @ h
     if d_hidden is not None:
         dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=pg)
         d_hidden = d_hidden.to(hidden.dtype)
