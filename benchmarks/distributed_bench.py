@@ -23,7 +23,8 @@ Every compiled run compiles ``lambda ids, labels: model(input_ids=ids, labels=la
 module wrapper) — compiling the model itself returns the logits too, which keeps them alive, and under
 tensor parallelism fails in AOTAutograd's backward with DTensor logits. Per run: the loss of each step
 (with its largest difference from the reference), per-GPU peak memory over the timed steps (after the
-first, compiling, step), the median step time, and the number of losses the rewrite replaced. The table
+first, compiling, step; "above start": the peak minus what was allocated when the window opened:
+parameters, optimizer state), the median step time, and the number of losses the rewrite replaced. The table
 comes last; with ``$OUT`` set, ``$OUT/distributed_bench.json`` holds everything. Runs are skipped (and
 marked so) when the ``--budget-s`` wall-clock budget would be exceeded.
 """
@@ -124,9 +125,12 @@ def peak_mb(device):
 
 
 def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    """Start a peak-memory window; returns the memory allocated at its start (MB; None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 2**20
 
 
 def all_ranks_mean(x: float, group=None) -> float:
@@ -138,6 +142,9 @@ def all_ranks_mean(x: float, group=None) -> float:
 
 
 def all_ranks_max(x, device):
+    """Largest over ranks of a number or of each number in a (peak, above-start) pair; None stays None."""
+    if isinstance(x, tuple):
+        return tuple(all_ranks_max(v, device) for v in x)
     if x is None:
         return None
     t = torch.tensor([x], dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
@@ -154,12 +161,12 @@ def train(step_fn, params, data_for_step, args, device, foreach=True):
     ``foreach=False`` when the parameters mix DTensors and plain tensors (tensor parallel)."""
     opt = torch.optim.AdamW(params, lr=args.lr, foreach=foreach)
     losses, times = [], []
-    peak = None
+    peak = start = None
     for i in range(args.steps):
         ids, labels = data_for_step(i)
         if i == 1:
             sync(device)
-            reset_peak(device)
+            start = reset_peak(device)
         sync(device)
         t0 = time.perf_counter()
         loss = step_fn(ids, labels)
@@ -171,7 +178,7 @@ def train(step_fn, params, data_for_step, args, device, foreach=True):
     if args.steps > 1:
         peak = peak_mb(device)
     timed = times[1:] if len(times) > 1 else times
-    return losses, statistics.median(timed), times[0], peak
+    return losses, statistics.median(timed), times[0], (peak, None if peak is None else peak - start)
 
 
 def run_reference(cfg, args, device, dtype, data):
@@ -302,12 +309,12 @@ def run_tp_loss(cfg, args, device, dtype, reps=5):
         h = DTensor.from_local(h_full.clone(), mesh, (Replicate(),), run_check=False).requires_grad_()
         w = distribute_tensor(w_full, mesh, (Shard(0),)).detach().requires_grad_()
         times = []
-        peak = None
+        start = None
         for i in range(reps + 1):
             h.grad = w.grad = None
             if i == 1:
                 sync(device)
-                reset_peak(device)
+                start = reset_peak(device)
             sync(device)
             t0 = time.perf_counter()
             if name == "loss_parallel":
@@ -321,7 +328,8 @@ def run_tp_loss(cfg, args, device, dtype, reps=5):
             times.append(time.perf_counter() - t0)
         peak = peak_mb(device)
         grads_bytes = (h.grad.to_local().numel() + w.grad.to_local().numel()) * h_full.element_size()
-        out[name] = dict(loss=float(loss.full_tensor()), time_s=statistics.median(times[1:]), peak_mb=peak,
+        out[name] = dict(loss=float(loss.detach().full_tensor()), time_s=statistics.median(times[1:]),
+                         peak_mb=(peak, None if peak is None else peak - start),
                          grad_mb=grads_bytes / 2**20, dw=w.grad.full_tensor().float(), dh=h.grad.full_tensor().float())
     err_w = ((out["cce"]["dw"] - out["loss_parallel"]["dw"]).norm() / out["loss_parallel"]["dw"].norm()).item()
     err_h = ((out["cce"]["dh"] - out["loss_parallel"]["dh"]).norm() / out["loss_parallel"]["dh"].norm()).item()
@@ -387,7 +395,7 @@ def main():
         try:
             if mode == "reference":
                 losses, step_s, first_s, peak = run_reference(cfg, args, device, dtype, data) if rank == 0 \
-                    else ([math.nan] * args.steps, math.nan, math.nan, None)
+                    else ([math.nan] * args.steps, math.nan, math.nan, (None, None))
                 reference = losses
                 rows.append(dict(run=name, losses=losses, step_s=step_s, first_s=first_s, peak_mb=peak, rewrites=0))
             elif mode == "tp-loss":
@@ -400,7 +408,8 @@ def main():
             else:
                 fn = {"ddp": run_ddp, "fsdp2": run_fsdp2, "tp": run_tp, "single": run_single}[mode]
                 if mode == "single" and rank != 0:
-                    (losses, step_s, first_s, peak), n_rw = ([math.nan] * args.steps, math.nan, math.nan, None), 0
+                    (losses, step_s, first_s, peak), n_rw = ([math.nan] * args.steps, math.nan, math.nan,
+                                                             (None, None)), 0
                 else:
                     (losses, step_s, first_s, peak), n_rw = fn(cfg, args, device, dtype, data, cce)
                 rows.append(dict(run=name, losses=losses, step_s=step_s, first_s=first_s,
@@ -448,8 +457,8 @@ def print_table(rows, args, record):
     if "tp_loss_rel_diff_dW_dH" in record:
         dw, dh = record["tp_loss_rel_diff_dW_dH"]
         print(f"tp-loss: relative difference of dW / dH between cce and loss_parallel: {dw:.2e} / {dh:.2e}")
-    head = f"{'run':<22} {'peak MB/GPU':>12} {'step ms':>9} {'1st step s':>10} {'rewrites':>8} " \
-           f"{'max |dloss|':>11}  losses"
+    head = f"{'run':<22} {'peak MB/GPU':>12} {'above start':>11} {'step ms':>9} {'1st step s':>10} " \
+           f"{'rewrites':>8} {'max |dloss|':>11}  losses"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -457,8 +466,9 @@ def print_table(rows, args, record):
             print(f"{r['run']:<22} {r.get('skipped') or r.get('error')}")
             continue
         losses = " ".join(_fmt(x, ".4f") for x in r.get("losses", []))
-        print(f"{r['run']:<22} {_fmt(r.get('peak_mb'), '12.0f')} {_fmt(r['step_s'] * 1e3, '9.1f')} "
-              f"{_fmt(r.get('first_s'), '10.1f')} {_fmt(r.get('rewrites'), '8d')} {_fmt(r.get('max_dloss'), '11.4f')}"
+        peak, above = r.get("peak_mb") or (None, None)
+        print(f"{r['run']:<22} {_fmt(peak, '12.0f')} {_fmt(above, '11.0f')} {_fmt(r['step_s'] * 1e3, '9.1f')} "
+              f"{_fmt(r.get('first_s'), '10.1f')} {_fmt(r.get('rewrites'), '8d')} {_fmt(r.get('max_dloss'), '11.2e')}"
               f"  {losses}")
 
 
