@@ -451,8 +451,8 @@ def _fmt(x, spec):
 
 
 def print_table(rows, args, record):
-    print(f"\ndistributed_bench: {record['world']} x {record['device']} ({record['backend']}), torch {record['torch']}, "
-          f"{args.layers} layers, {args.tokens} tokens/step, {args.dtype}, {args.steps} steps, "
+    print(f"\ndistributed_bench: {record['world']} x {record['device']} ({record['backend']}), "
+          f"torch {record['torch']}, {args.layers} layers, {args.tokens} tokens/step, {args.dtype}, {args.steps} steps, "
           f"{record['total_s']:.0f} s")
     if "tp_loss_rel_diff_dW_dH" in record:
         dw, dh = record["tp_loss_rel_diff_dW_dH"]

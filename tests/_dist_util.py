@@ -7,7 +7,8 @@ group: ``file://`` rendezvous in a fresh temp dir, sockets on the loopback inter
 A task that fails on a rank raises with that rank's traceback (waiting at most 10 s more for the other
 ranks, which may be stuck in a collective the failed rank never joined); a task that hangs fails after
 ``timeout`` seconds instead of blocking the run. A pool that saw a failure or a hang is shut down (its
-processes, which are ours, terminated by their handles) and the next ``run`` starts fresh ones. ``run_workers(fn, *args)`` is the one-shot form.
+processes, which are ours, terminated by their handles) and the next ``run`` starts fresh ones.
+``run_workers(fn, *args)`` is the one-shot form.
 """
 from __future__ import annotations
 
