@@ -270,8 +270,13 @@ def _tp_worker(rank, world, variant, inner, device="cpu", dtype=torch.float64):
         my_ids = ids
     if inner == "inductor":  # keep Inductor's C++ compile to the lm-head + loss (CI time on 2 cores)
         model.model.forward = torch.compiler.disable(model.model.forward)
-    results = []
-    compiled = torch.compile(model, backend=make_backend(inner, on_result=results.append))
+    results, traced = [], []
+
+    def checking(gm, example_inputs):  # the emitted call must have run on Dynamo's fake DTensors
+        traced.extend(n.meta.get("example_value") is not None for n in gm.graph.nodes
+                      if getattr(n.target, "__name__", "") == "rewrite_call")
+        return torch._dynamo.lookup_backend(inner)(gm, example_inputs)
+    compiled = torch.compile(model, backend=make_backend(checking, on_result=results.append))
     with ctx():
         loss = compiled(my_ids, labels)
         loss.backward()
@@ -297,6 +302,8 @@ def _tp_worker(rank, world, variant, inner, device="cpu", dtype=torch.float64):
                 failures.append(f"{variant}: d lm_head.{name} differs")
     else:
         _check_grads(model, ref, failures, str(variant), tol=tol)
+    if traced != [True]:
+        failures.append(f"{variant}: emitted calls with a fake value: {traced}")
     rewrites = [r for res in results for r in res.rewrites]
     if len(rewrites) != 1 or not any("vocabulary-parallel" in n for n in rewrites[0].notes):
         failures.append(f"{variant}: rewrites {rewrites}, misses {[m for res in results for m in res.misses]}")

@@ -30,7 +30,9 @@ gloo, 2 processes) reads::
    ``hidden'`` is the matched DTensor hidden with the layout steps replayed (they work on DTensors), the
    weight and bias the matched DTensor nodes. The call returns a ``Replicate`` DTensor (and lse) when the
    loss it replaces was a DTensor (``loss_parallel``), a plain tensor when it was one (logits gathered with
-   ``to_local()``). It runs on the fake DTensors Dynamo recorded (``example_value``).
+   ``to_local()``). It runs on the fake DTensors Dynamo recorded (``example_value``) — under *their* fake
+   mode: :func:`fake_mode_of` finds it inside the DTensors (evaluating the emitted nodes under the mode
+   ``torch._guards.detect_fake_mode`` returns fails with "Mixing fake modes").
 """
 from __future__ import annotations
 
@@ -90,6 +92,22 @@ def value_preserving_source(node: Any) -> Optional[Node]:
     return None
 
 
+def fake_mode_of(values) -> Any:
+    """The fake mode of the first fake tensor among ``values``, looking inside tensor subclasses (a fake
+    DTensor has no ``fake_mode`` of its own: its local tensor has). ``torch._guards.detect_fake_mode`` does
+    not look inside them and may return another mode (``Mixing fake modes NYI`` when the node runs)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    for x in values:
+        if is_traceable_wrapper_subclass(x):
+            mode = fake_mode_of([getattr(x, attr) for attr in x.__tensor_flatten__()[0]])
+            if mode is not None:
+                return mode
+        elif isinstance(x, torch.Tensor) and hasattr(x, "fake_mode"):
+            return x.fake_mode
+    return None
+
+
 @dataclass
 class ParallelCall:
     target: Callable
@@ -137,4 +155,5 @@ def plan_parallel(hidden: Any, weight: Any, bias: Any, target: Any, loss: Any) -
                         f"each rank's logits at most a token chunk x {-(-v // world)} at a time")
 
 
-__all__ = ["NotParallelizable", "ParallelCall", "plan_parallel", "value_preserving_source", "rewrite_call"]
+__all__ = ["NotParallelizable", "ParallelCall", "fake_mode_of", "plan_parallel", "value_preserving_source",
+           "rewrite_call"]

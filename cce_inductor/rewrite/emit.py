@@ -21,12 +21,14 @@ def _fake_eval(node: Node) -> None:
     """Fill ``meta['example_value']`` of a node we inserted, by running it on its inputs' fake values."""
     from torch._guards import detect_fake_mode
 
+    from ..distributed.rewrite_hook import fake_mode_of
+
     def conv(a):
         return torch.fx.node.map_arg(a, _val)
 
     args, kwargs = conv(node.args), conv(node.kwargs)
     flat = [x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-    mode = next((x.fake_mode for x in flat if hasattr(x, "fake_mode")), None) or detect_fake_mode(flat)
+    mode = fake_mode_of(flat) or detect_fake_mode(flat)  # fake_mode_of looks inside DTensors too
     if mode is None:
         return
     try:
