@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from _dist_util import WorkerPool
-from _reference import float64_reference, make_inputs, rel_err
+from _dist_reference import float64_reference, loss_and_grads, make_inputs, reference_lce, rel_err
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -43,23 +43,9 @@ def _vp_loss_and_grads(rank, world, hidden, weight, bias, targets, device="cpu",
     def fn(h, w, t, bias=None, **kw):
         return vocab_parallel_linear_cross_entropy(h, w, t.to(device), bias=bias, vocab_size=weight.shape[0], **kw)
 
-    loss, lse, grads = _loss_and_grads(fn, h, w_local, b_local, targets, **kw)
+    loss, lse, grads = loss_and_grads(fn, h, w_local, b_local, targets, **kw)
     cpu = (lambda t: None if t is None else t.cpu())  # noqa: E731
     return cpu(loss), cpu(lse), tuple(cpu(g) for g in grads), (start, rows)
-
-
-def _loss_and_grads(fn, hidden, weight, bias, targets, upstream_seed=1, **kw):
-    """``_reference.loss_and_grads`` with the upstream gradients on the loss's device (the same values)."""
-    out = fn(hidden, weight, targets, bias=bias, **kw)
-    loss, lse = out if isinstance(out, tuple) else (out, None)
-    params = [p for p in (hidden, weight, bias) if p is not None]
-    if upstream_seed is None:
-        return loss, lse, torch.autograd.grad(loss, params)
-    g = torch.Generator().manual_seed(upstream_seed)
-    total = (loss * torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss)).sum()
-    if lse is not None:
-        total = total + (lse * torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse)).sum()
-    return loss, lse, torch.autograd.grad(total, params)
 
 
 def _compare(tag, got, ref, tol, failures):
@@ -301,9 +287,7 @@ def _compile_worker(rank, world, backend):
     (loss + (lse * torch.linspace(-1, 1, lse.numel()).view_as(lse)).sum()).backward()
     up = torch.linspace(-1, 1, r_lse.numel(), dtype=torch.float64).view_as(r_lse)
     ref_h, ref_w, ref_b = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
-    from cce_inductor.api import reference_linear_cross_entropy
-
-    rl, rlse = reference_linear_cross_entropy(ref_h, ref_w, targets, bias=ref_b, **kw)
+    rl, rlse = reference_lce(ref_h, ref_w, targets, bias=ref_b, **kw)
     (rl + (rlse * up).sum()).backward()
     _compare("compiled plain loss", loss, r_loss, 2e-5, failures)
     _compare("compiled plain lse", lse, r_lse, 2e-5, failures)
@@ -325,7 +309,7 @@ def _compile_worker(rank, world, backend):
     out = torch.compile(dt, backend=counting_backend, fullgraph=True)(hd, wd, targets)
     out.backward()
     ref_h, ref_w = (t.detach().double().requires_grad_() for t in (hidden, weight))
-    ref = reference_linear_cross_entropy(ref_h, ref_w, targets, reduction="sum", logit_scale=0.5)
+    ref = reference_lce(ref_h, ref_w, targets, reduction="sum", logit_scale=0.5)
     ref.backward()
     _compare("compiled DTensor loss", out.to_local(), ref, 2e-5, failures)
     _compare("compiled DTensor d_hidden", hd.grad.full_tensor(), ref_h.grad, 2e-5, failures)
