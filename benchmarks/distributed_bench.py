@@ -31,6 +31,7 @@ marked so) when the ``--budget-s`` wall-clock budget would be exceeded.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -390,6 +391,9 @@ def main():
             rows.append(dict(run=name, skipped=f"time budget ({elapsed:.0f} s used)"))
             continue
         torch._dynamo.reset()
+        gc.collect()  # the previous run's model and optimizer go before this one allocates
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         dist.barrier()
         t0 = time.perf_counter()
         try:
