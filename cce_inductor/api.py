@@ -93,6 +93,12 @@ def _autocast_like_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     return cast(hidden), cast(weight), cast(bias)
 
 
+def _is_dtensor(t) -> bool:
+    from .distributed.functional import _is_dtensor as is_dtensor
+
+    return is_dtensor(t)
+
+
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                          softcap: Optional[float] = None, logit_scale: float = 1.0, return_lse: bool = False,
@@ -123,7 +129,16 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     ``path``: "auto" | "fast" | "low_memory" (None: ``cce_inductor.config.path``). The fast path (3 matmuls,
     gradients formed in the forward) serves scalar losses ("mean"/"sum", no lse) that need a gradient; see
     ``cce_inductor.paths``.
+
+    A DTensor weight sharded on the vocabulary (``Shard(0)``, tensor parallel) with DTensor hidden states
+    on the same 1-D mesh runs the vocabulary-parallel op (``cce_inductor.distributed``).
     """
+    if _is_dtensor(weight) or _is_dtensor(hidden):  # a vocabulary-sharded (tensor-parallel) lm-head
+        from .distributed.dtensor import dtensor_vocab_parallel_linear_cross_entropy
+
+        return dtensor_vocab_parallel_linear_cross_entropy(
+            hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale, return_lse=return_lse)
     hidden, weight, bias = _autocast_like_linear(hidden, weight, bias)
     return _linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
                                  label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale,

@@ -7,6 +7,7 @@ is left behind.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,6 +35,7 @@ class ExplainReport:
     rewrites: list = field(default_factory=list)
     misses: list = field(default_factory=list)
     graphs: int = 0
+    notes: list = field(default_factory=list)  # code Dynamo ran eagerly (the rewrite never saw it), and why
 
     @property
     def saved_bytes(self) -> int:
@@ -58,6 +60,8 @@ class ExplainReport:
             rows = [("where", "code", "loss", "reason")]
             rows += [(*_split_where(m.where), m.loss, m.reason) for m in self.misses]
             lines.extend(_table(rows))
+        if self.notes:
+            lines += ["", "Not compiled (so not seen by the rewrite):"] + [f"  {n}" for n in self.notes]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -108,9 +112,34 @@ def explain(fn: Callable, *args: Any, **kwargs: Any) -> ExplainReport:
     try:
         compiled = torch.compile(fn, backend=make_backend(run_graph, on_result=record))
         compiled(*args, **kwargs)
+        report.notes.extend(_skipped_frames())
     finally:
         torch._dynamo.reset()
     return report
+
+
+_SKIPPED = re.compile(r"frame skipped: (\S+) \((.+?) line (\d+)\)")
+
+
+def _skipped_frames() -> list:
+    """Frames Dynamo gave up on and ran eagerly (a graph break inside a loop, ...): a loss there is never
+    compiled, so neither rewritten nor reported as a miss. Read from Dynamo's graph-break counters."""
+    from torch._dynamo.utils import counters
+
+    notes = []
+    for msg in counters.get("unimplemented", {}):
+        for name, path, line in _SKIPPED.findall(msg):
+            why = "a graph break inside a for/while loop" if "graph break in loop" in msg else "a graph break"
+            note = (f"{name} ({os.path.basename(path)}:{line}) ran eagerly: {why} made Dynamo skip the whole frame. "
+                    "A loss in it is not compiled.")
+            if "`disable`" in msg and why.endswith("loop"):
+                note += (" (A call torch marks as not traceable, inside the loop: e.g. the hooks of FSDP2's "
+                         "fully_shard on each layer.) Move the layer loop into a submodule of its own, as Hugging "
+                         "Face models do, so the lm-head + loss after it are compiled, or call "
+                         "cce_inductor.linear_cross_entropy(hidden, lm_head.weight, labels) there.")
+            if note not in notes:
+                notes.append(note)
+    return notes
 
 
 __all__ = ["explain", "ExplainReport", "Rewrite", "MissRecord"]

@@ -37,12 +37,14 @@ def _fake_eval(node: Node) -> None:
     Raises what the call raises: that is how the op's own checks run at rewrite time."""
     from torch._guards import detect_fake_mode
 
+    from ..distributed.rewrite_hook import fake_mode_of
+
     def conv(a):
         return torch.fx.node.map_arg(a, _val)
 
     args, kwargs = conv(node.args), conv(node.kwargs)
     flat = [x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-    mode = next((x.fake_mode for x in flat if hasattr(x, "fake_mode")), None) or detect_fake_mode(flat)
+    mode = fake_mode_of(flat) or detect_fake_mode(flat)  # fake_mode_of looks inside DTensors too
     if mode is None:
         return
     with mode:
@@ -145,7 +147,12 @@ def _emit_nodes(emit: _Emitter, plan: Plan) -> tuple[Node, list]:
                   softcap=o.softcap, logit_scale=o.logit_scale)
     if plan.lse_users:
         kwargs["return_lse"] = True
-    call = emit("call_function", op_target(), (h, w, m.target), kwargs)
+    target = op_target()
+    if m.parallel is not None:  # a vocabulary-sharded DTensor lm-head (cce_inductor.distributed.rewrite_hook)
+        kwargs.update(m.parallel.kwargs)
+        target = m.parallel.target
+        PURE_CALLABLES.add(target)  # it writes none of its inputs
+    call = emit("call_function", target, (h, w, m.target), kwargs)
     if plan.lse_users:
         out = emit("call_function", operator.getitem, (call, 0))
         lse = emit("call_function", operator.getitem, (call, 1))
@@ -231,6 +238,8 @@ def _record(plan: Plan, erased: set) -> Rewrite:
                      f"{', '.join(outside)}); the fp32 upcast and log-softmax copies are still avoided")
     if plan.lse_users:
         notes.append(f"{len(plan.lse_users)} logsumexp (z-loss) served by the op's lse")
+    if m.parallel is not None:
+        notes.append(m.parallel.note)
     n_sym = "x".join(str(s) for s in t_shape) or "1"
     return Rewrite(location(m.loss), m.kind, mm.spelling, n_sym if n_tok is None else n_tok, _size_str(m.D),
                    _size_str(m.V), str(plan.compute_dtype).replace("torch.", ""), opts, saved, logits_kept,

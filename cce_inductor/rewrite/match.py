@@ -9,6 +9,7 @@ from torch.fx import Node
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .fx_util import _bind, _call, _describe, _dtype, _is_number, _last_dim, _norm_dim, _shape, _val
+from ..distributed.rewrite_hook import value_preserving_source
 from .spellings import (
     _CE_FNS,
     _CE_SIG,
@@ -43,6 +44,7 @@ class Match:
     steps: list  # from the loss upwards
     V: Any  # int, or a SymInt under dynamic shapes
     D: Any
+    parallel: Any = None  # a distributed.rewrite_hook.ParallelCall for a vocabulary-sharded DTensor lm-head
 
     @property
     def order(self) -> list:
@@ -96,6 +98,8 @@ def _next_step(cur: Node, class_last: bool) -> Optional[Step]:
         if _norm_dim(dim, nd) != (nd - 1 if class_last else 1):
             raise Miss("log_softmax is not over the class dim")
         return Step(StepKind.NORMALIZE, cur, z, dt)
+    if (r := value_preserving_source(cur)) is not None:  # DTensor redistribute / to_local: same values
+        return Step(StepKind.CAST, cur, r)
     return None
 
 
@@ -141,15 +145,25 @@ def match_loss(loss: Node) -> Match:
         raise Miss("hidden is not a tensor")
     if not (_dtype(mm.hidden) or torch.int64).is_floating_point:
         raise Miss("hidden is not floating point")
-    for name, node in (("hidden", mm.hidden), ("weight", mm.weight if mm.weight is not None else mm.weight_t),
-                       ("bias", mm.bias), ("target", a["target"])):
-        if isinstance(node, Node) and is_traceable_wrapper_subclass(_val(node)):
-            raise Miss(f"{name} is a tensor subclass ({type(_val(node)).__name__}, e.g. a sharded DTensor): "
-                       "the op takes plain tensors")
+    parallel = _plan_parallel(mm, a["target"], steps, loss)
     why = check_order(list(reversed(steps)), mm.bias is not None)
     if why is not None:
         raise Miss(why)
     if not is_ce and not any(st.kind is StepKind.NORMALIZE for st in steps):
         raise Miss("nll_loss input is not a log_softmax of the logits")
     return Match(loss, "cross_entropy" if is_ce else "nll_loss", a["target"], a["ignore_index"], a["reduction"],
-                 float(a["label_smoothing"]), mm, steps, v, hs[-1])
+                 float(a["label_smoothing"]), mm, steps, v, hs[-1], parallel)
+
+
+def _plan_parallel(mm: Matmul, target: Node, steps: list, loss: Node):
+    """Tensor-subclass (DTensor) inputs: the vocabulary-parallel call, or a miss with the reason."""
+    from ..distributed.rewrite_hook import NotParallelizable, plan_parallel
+
+    weight = mm.weight if mm.weight is not None else mm.weight_t
+    bias = mm.bias if mm.bias is not None else next((st.value for st in steps if st.kind is StepKind.BIAS), None)
+    if mm.weight is None and is_traceable_wrapper_subclass(_val(weight)):
+        raise Miss("a DTensor weight given as [D, V] (h @ B) is not supported: only the [V, D] lm-head weight")
+    try:
+        return plan_parallel(mm.hidden, weight, bias, target, loss)
+    except NotParallelizable as e:
+        raise Miss(str(e)) from e
