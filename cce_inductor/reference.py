@@ -84,5 +84,6 @@ def reference_loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tens
 
 def rel_err(out: Tensor, ref: Tensor) -> float:
     """``||out - ref|| / ||ref||`` in float64 (NaN anywhere in ``out`` gives NaN)."""
-    out, ref = out.detach().double(), ref.detach().double()
+    ref = ref.detach().double()
+    out = out.detach().to(device=ref.device, dtype=torch.float64)
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()

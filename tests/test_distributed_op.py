@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from _dist_util import WorkerPool
-from _dist_reference import float64_reference, loss_and_grads, make_inputs, reference_lce, rel_err
+from helpers import float64_reference, loss_and_grads, make_inputs, rel_err
+from helpers import reference_linear_cross_entropy as reference_lce
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
