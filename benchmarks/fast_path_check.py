@@ -219,6 +219,7 @@ def main():
     ap.add_argument("--shapes", default="gemma2,llama3")
     ap.add_argument("--regime", default="zipf")
     ap.add_argument("--quick", action="store_true", help="fewer variants, shorter benchmarks")
+    ap.add_argument("--micro", action="store_true", help="also time one d_weight pass alone (Triton vs cuBLAS)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU, tiny shape, Triton interpreter: checks that the script runs (no meaningful numbers)")
     a = ap.parse_args()
@@ -256,31 +257,28 @@ def main():
         third = (ref[0] / 3, ref[1] / 3, ref[2] / 3)
         measure(shape, "eager, loss/3", lambda e, c, t: eager(e, c, t) / 3, e, c, t, third, rep // 4)
         measure(shape, "fast (default), loss/3", lambda e, c, t: op()(e, c, t) / 3, e, c, t, third, rep // 4)
-        variants = [(2048, "int4"), (1024, "int4"), (1024, "int8"), (4096, "int4")]
+        variants = [(1024, "int4", "cublas_fold"), (2048, "int4", "cublas_fold"), (2048, "int8", "cublas_fold"),
+                    (4096, "int4", "cublas_fold"), (2048, "int4", "triton")]
         if a.quick:
             variants = variants[:2]
-        for nc, rem in variants:
-            measure(shape, f"fast:Nc={nc},{rem}", op("fast"), e, c, t, ref, rep,
-                    patch={"fast_path_tokens_per_chunk": nc, "fast_path_remainder": rem})
+        for nc, rem, scheme in variants:
+            measure(shape, f"fast:Nc={nc},{rem},{scheme}", op("fast"), e, c, t, ref, rep,
+                    patch={"fast_path_tokens_per_chunk": nc, "fast_path_remainder": rem,
+                           "fast_path_weight_accumulate": scheme})
         measure(shape, "low_memory (fused fwd)", op("low_memory"), e, c, t, ref, rep,
                 patch={"forward_kernel": "fused"})
-        measure(shape, "low_memory:fwd=chunked", op("low_memory"), e, c, t, ref, rep,
-                patch={"forward_kernel": "chunked"})
+        measure(shape, "low_memory:dH=cublas_fold", op("low_memory"), e, c, t, ref, rep,
+                patch={"forward_kernel": "chunked", "low_memory_dhidden": "cublas_fold"})
         measure(shape, "low_memory:dH=cublas_fp32", op("low_memory"), e, c, t, ref, rep,
                 patch={"forward_kernel": "chunked", "low_memory_dhidden": "cublas_fp32"})
 
         fwd = lambda x, w, t: cce_inductor.linear_cross_entropy(x, w, t)  # noqa: E731
         nograd_row(shape, "fwd-no-grad fused", fwd, e, c, t, rep, patch={"forward_kernel": "fused"})
-        for chunk_mib in ((256,) if a.quick else (128, 256, 512)):
-            nograd_row(shape, f"fwd-no-grad chunked {chunk_mib}MiB", fwd, e, c, t, rep,
-                       patch={"forward_kernel": "chunked", "forward_chunk_bytes": chunk_mib * MiB})
+        nograd_row(shape, "fwd-no-grad chunked (default)", fwd, e, c, t, rep, patch={"forward_kernel": "chunked"})
         nograd_row(shape, "fwd-no-grad torch.compile", compiled_nograd, e, c, t, rep)
-
-        tiles = [Tile(128, 256, 64, num_warps=8, num_stages=3)]
-        if not a.quick:
-            tiles += [Tile(128, 256, 64, num_warps=8, num_stages=2), Tile(128, 128, 64, num_warps=4, num_stages=4),
-                      Tile(256, 128, 64, num_warps=8, num_stages=3)]
-        accumulate_micro(shape, e, c, rep // 2, plan.tokens_per_chunk if plan else 1024, tiles)
+        if a.micro:
+            tiles = [Tile(128, 256, 64, num_warps=8, num_stages=3)]
+            accumulate_micro(shape, e, c, rep // 2, plan.tokens_per_chunk if plan else 1024, tiles)
         del e, c, t, rdh, rdw, ref
         cleanup()
 

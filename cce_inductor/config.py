@@ -43,16 +43,28 @@ fast_path_tokens_per_chunk: Optional[int] = None
 # (int8 when it costs no extra chunk, else int4).
 fast_path_remainder: str = "auto"
 
+# How the fast path adds each token chunk's d_weight into its 16-bit accumulator (hi + remainder):
+# "cublas_fold" (cuBLAS float32 products of a vocabulary slab of ``fold_slab_bytes``, folded into hi/lo by
+# one elementwise pass: cuBLAS speed, 13 bytes per weight element of traffic per chunk), "triton" (one
+# Triton matmul with the fold in its epilogue: no slab, no extra traffic, a slower matmul), or "auto"
+# (cublas_fold on CUDA, triton under the Triton interpreter).
+fast_path_weight_accumulate: str = "auto"
+
+# Bytes of the float32 product slab of the "cublas_fold" schemes (fast path d_weight, low-memory d_hidden).
+fold_slab_bytes: int = 64 * 2**20
+
 # Per-token forward of the low-memory op (the forward without gradient, and the low-memory path's forward
 # in training): "fused" (one Triton kernel: matmul + online log-sum-exp, no logits in memory), "chunked"
 # (cuBLAS logits per token chunk + a Triton row kernel; one [chunk, V] buffer), or "auto" (chunked on CUDA,
 # where cuBLAS is the faster matmul; fused under the Triton interpreter).
 forward_kernel: str = "auto"
 
-# Bytes of the logits chunk of the "chunked" forward.
-forward_chunk_bytes: int = 256 * 2**20
+# Bytes of the logits chunk of the "chunked" forward (512 MiB: measured at torch.compile's speed at both
+# model shapes on an H200, where 128 MiB was 7-19% slower; benchmarks/NOTES.md).
+forward_chunk_bytes: int = 512 * 2**20
 
-# d_hidden of the low-memory path's backward: "triton" (hi + remainder accumulator kernel, default) or
+# d_hidden of the low-memory path's backward: "triton" (hi + remainder accumulator kernel, default),
+# "cublas_fold" (cuBLAS float32 products of ``fold_slab_bytes``, folded into hi + remainder), or
 # "cublas_fp32" (cuBLAS with an fp32 output into an fp32 N x D accumulator: N*D*4 bytes more memory).
 low_memory_dhidden: str = "triton"
 

@@ -64,7 +64,14 @@ def _elem_bytes(dtype: torch.dtype) -> int:
 
 
 def remainder_bytes(V: int, D: int, remainder: str) -> int:
-    return {"none": 0, "int8": V * D, "int4": V * ((D + 1) // 2)}[remainder]
+    """Bytes of the d_weight accumulator beyond the gradient itself: the rounding remainder, and (16-bit,
+    several chunks) the float32 product slab of the cuBLAS + fold scheme (counted whichever scheme runs)."""
+    if remainder == "none":
+        return 0
+    from . import config
+
+    slab = min(V, max(1, config.fold_slab_bytes // (4 * max(1, D)))) * D * 4
+    return {"int8": V * D, "int4": V * ((D + 1) // 2)}[remainder] + slab
 
 
 def _tokens_for(N: int, max_tokens: int) -> tuple[int, int]:

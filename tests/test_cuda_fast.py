@@ -146,4 +146,5 @@ def test_compiled_fast_path_on_cuda():
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
     (cce_inductor.linear_cross_entropy(h, w, t, path="fast") / 3.0).backward()
+    # both scale the saved gradients by 1/3 in float32 with one rounding: equal
     assert torch.equal(gh, h.grad) and torch.equal(gw, w.grad)

@@ -235,3 +235,40 @@ def test_accumulate_falls_back_to_a_smaller_tile_on_out_of_resources(monkeypatch
     acc.accumulate_matmul(a, b, hi, None, first=True, last=True, lo_mode="none", tile=big, upcast=True,
                           dot_precision="ieee")
     assert len(seen) == 1 and seen[0][1] < 128  # the working tile is remembered
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("remainder", ["int8", "int4"])
+def test_cublas_fold_scheme_matches_float64(dtype, remainder, poison):
+    """The d_weight accumulator filled by float32 products (cuBLAS on a GPU, an upcast matmul here) folded
+    into hi + remainder, in several vocabulary slabs per chunk: every option, as exact as the Triton scheme."""
+    from cce_inductor import config
+
+    has_bias, opts = OPTION_CASES[1]
+    gen = torch.Generator().manual_seed(31)
+    N, D, V = 37, 40, 70
+    h, w, b, t = make_inputs(N, D, V, dtype, has_bias, gen)
+    # 16 rows of 40 fp32 per slab: 5 slabs over V = 70, the last one partial
+    with config.patch(fast_path_weight_accumulate="cublas_fold", fold_slab_bytes=16 * 40 * 4):
+        for reduction in ("mean", "sum"):
+            check_fast(h, w, b, t, opts, reduction, tokens=8, remainder=remainder)
+
+
+def test_fold_fp32_equals_the_fused_epilogue(poison):
+    """fold_fp32(p) leaves hi and lo exactly as accumulate_matmul's epilogue does for the same product."""
+    from cce_inductor.kernels.accumulate import fold_fp32
+
+    gen = torch.Generator().manual_seed(32)
+    M, K, N = 33, 24, 50
+    a = torch.randn(M, K, generator=gen).bfloat16()
+    b = torch.randn(K, N, generator=gen).bfloat16()
+    for mode in ("int8", "int4"):
+        hi1, hi2 = torch.empty(M, N, dtype=torch.bfloat16), torch.empty(M, N, dtype=torch.bfloat16)
+        lo1, lo2 = new_remainder(M, N, mode, torch.bfloat16, "cpu"), new_remainder(M, N, mode, torch.bfloat16, "cpu")
+        for first, last in ((True, False), (False, False), (False, True)):
+            accumulate_matmul(a, b, hi1, lo1, first=first, last=last, lo_mode=mode,
+                              tile=INTERPRETER_CONFIG.accumulate_tile, upcast=True, dot_precision="ieee")
+            fold_fp32(a.float() @ b.float(), hi2, lo2, first=first, last=last, lo_mode=mode)
+            assert torch.equal(hi1, hi2), (mode, first, last)
+            if not last:
+                assert torch.equal(lo1, lo2), (mode, first, last)

@@ -101,6 +101,17 @@ def _accumulate_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
 
+    _fold(acc, hi_ptr, lo_ptr, offs_m, offs_n, m_mask, n_mask, pid_n, N, stride_hi, stride_lo,
+          UNIT_SCALE, UNIT_MIN, CLAMP, BLOCK_M, BLOCK_N, FIRST, LAST, LO_MODE)
+
+
+@triton.jit
+def _fold(acc, hi_ptr, lo_ptr, offs_m, offs_n, m_mask, n_mask, pid_n, N, stride_hi, stride_lo,
+          UNIT_SCALE: tl.constexpr, UNIT_MIN: tl.constexpr, CLAMP: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          FIRST: tl.constexpr, LAST: tl.constexpr, LO_MODE: tl.constexpr):
+    """hi (+ lo) [offs_m, offs_n] += acc (a [BLOCK_M, BLOCK_N] fp32 tile): read the old value (unless
+    FIRST), round the sum to hi's dtype, keep the remainder in lo (unless LAST)."""
     rows64 = offs_m.to(tl.int64)[:, None]
     offs = rows64 * stride_hi + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
@@ -142,6 +153,77 @@ def _accumulate_kernel(
                 tl.store(lo_ptr + lo_offs, byte.to(tl.uint8), mask=lo_mask)
         elif LO_MODE == 2:
             tl.store(lo_ptr + lo_offs, to_rne(acc - hi.to(tl.float32), lo_ptr.dtype.element_ty), mask=lo_mask)
+
+
+@triton.jit
+def _fold_fp32_kernel(
+    p_ptr, hi_ptr, lo_ptr, M, N, stride_p, stride_hi, stride_lo,
+    UNIT_SCALE: tl.constexpr, UNIT_MIN: tl.constexpr, CLAMP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, LO_MODE: tl.constexpr,
+):
+    """hi (+ lo) += p, elementwise: p is an fp32 matmul result (cuBLAS wrote it)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.load(p_ptr + offs_m.to(tl.int64)[:, None] * stride_p + offs_n[None, :],
+                  mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+    _fold(acc, hi_ptr, lo_ptr, offs_m, offs_n, m_mask, n_mask, pid_n, N, stride_hi, stride_lo,
+          UNIT_SCALE, UNIT_MIN, CLAMP, BLOCK_M, BLOCK_N, FIRST, LAST, LO_MODE)
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (fp32) = a @ b with fp32 accumulation and no rounding of the result to the inputs' dtype:
+    cuBLAS's float32 output for 16-bit inputs on CUDA (``out_dtype=``), an upcast matmul elsewhere."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def fold_slab_rows(cols: int, slab_bytes: int) -> int:
+    """Rows of the float32 [rows, cols] product buffer the cuBLAS + fold scheme works through at a time."""
+    return max(1, slab_bytes // (4 * max(1, cols)))
+
+
+def accumulate_matmul_cublas(a: torch.Tensor, b: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor],
+                             p_buf: torch.Tensor, *, first: bool, last: bool, lo_mode: str) -> None:
+    """Same contract as :func:`accumulate_matmul`, computed as cuBLAS float32 products of ``p_buf.shape[0]``
+    rows of ``a`` at a time, each folded into hi (+ lo) by one elementwise pass."""
+    M = a.shape[0]
+    rows = p_buf.shape[0]
+    for r0 in range(0, M, rows):
+        r1 = min(M, r0 + rows)
+        p = p_buf[:r1 - r0]
+        mm_fp32(a[r0:r1], b, p)
+        fold_fp32(p, hi[r0:r1], None if lo is None else lo[r0:r1], first=first, last=last, lo_mode=lo_mode)
+
+
+# Tile of the elementwise fold: 16 KiB of fp32 per program, an even width (int4 packs column pairs).
+FOLD_BLOCK_M, FOLD_BLOCK_N = 16, 256
+
+
+def fold_fp32(p: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor], *, first: bool, last: bool,
+              lo_mode: str) -> None:
+    """hi (+lo) [M, N] += p [M, N] (fp32), with hi's rounding remainder kept in lo as ``accumulate_matmul``
+    keeps it: the same accumulator, filled from a cuBLAS float32 product instead of a Triton matmul."""
+    M, N = p.shape
+    assert hi.shape == (M, N) and hi.stride(1) == 1 and p.stride(1) == 1 and p.dtype == torch.float32
+    mode = LO_MODES[lo_mode]
+    if mode != LO_NONE:
+        assert lo is not None and lo.stride(1) == 1 and lo.shape[0] == M
+    unit_scale, unit_min, clamp = remainder_constants(hi.dtype, mode)
+    grid = (cdiv(M, FOLD_BLOCK_M), cdiv(N, FOLD_BLOCK_N))
+    _fold_fp32_kernel[grid](
+        p_ptr=p, hi_ptr=hi, lo_ptr=lo if lo is not None else hi, M=M, N=N,
+        stride_p=p.stride(0), stride_hi=hi.stride(0), stride_lo=lo.stride(0) if lo is not None else hi.stride(0),
+        UNIT_SCALE=unit_scale, UNIT_MIN=unit_min, CLAMP=clamp, BLOCK_M=FOLD_BLOCK_M, BLOCK_N=FOLD_BLOCK_N,
+        FIRST=first, LAST=last, LO_MODE=mode, num_warps=4,
+    )
 
 
 def new_remainder(rows: int, cols: int, mode: str, dtype: torch.dtype, device) -> torch.Tensor:

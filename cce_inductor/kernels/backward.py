@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..options import LossOptions
-from .accumulate import accumulate_matmul, new_remainder
+from .accumulate import accumulate_matmul, accumulate_matmul_cublas, fold_slab_rows, new_remainder
 from .common import logits_tile, to_rne
 from .config import KernelConfig, cdiv, chunk_width, pick_config
 from .launch import check_inputs, dot_precision
@@ -137,6 +137,13 @@ def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, con
             acc32 = torch.empty((N, D), device=dev, dtype=torch.float32)
             lo_mode = "none"
     d_hidden_lo = new_remainder(N, D, lo_mode, dtype, dev) if lo_mode != "none" else None
+    p_buf = None  # config.low_memory_dhidden == "cublas_fold": cuBLAS float32 products folded into hi + lo
+    if lo_mode != "none":
+        from .. import config as cce_config
+
+        if cce_config.low_memory_dhidden == "cublas_fold":
+            p_buf = torch.empty((min(N, fold_slab_rows(D, cce_config.fold_slab_bytes)), D), device=dev,
+                                dtype=torch.float32)
     eps = float(opts.label_smoothing)
     prec = dot_precision(cfg, dtype)
     td, th = cfg.draw, cfg.dhidden
@@ -165,6 +172,9 @@ def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, con
                 torch.mm(draw, w_chunk, out_dtype=torch.float32, out=acc32)
             else:
                 torch.addmm(acc32, draw, w_chunk, out_dtype=torch.float32, out=acc32)
+        elif p_buf is not None:
+            accumulate_matmul_cublas(draw, w_chunk, d_hidden, d_hidden_lo, p_buf, first=c == 0,
+                                     last=c == n_chunks - 1, lo_mode=lo_mode)
         else:
             accumulate_matmul(draw, w_chunk, d_hidden, d_hidden_lo, first=c == 0, last=c == n_chunks - 1,
                               lo_mode=lo_mode, tile=th, upcast=cfg.upcast_dot, dot_precision=prec,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..options import LossOptions
-from .accumulate import accumulate_matmul, new_remainder
+from .accumulate import accumulate_matmul, accumulate_matmul_cublas, fold_slab_rows, new_remainder
 from .common import tanh_f32, to_rne
 from .config import KernelConfig, pick_config
 from .launch import dot_precision
@@ -204,6 +204,12 @@ def _fast_forward(hidden, weight, bias, targets, opts, reduction, tokens_per_chu
     if lo_mode not in ("none", "int8", "int4", "float"):
         raise ValueError(f"unknown remainder format {remainder!r}")
     lo = new_remainder(V, D, lo_mode, dtype, dev) if (d_weight is not None and lo_mode != "none") else None
+    p_buf = None  # the cuBLAS + fold scheme's float32 product slab (see weight_accumulate_scheme)
+    if lo is not None and weight_accumulate_scheme(dev) == "cublas_fold":
+        from .. import config as cce_config
+
+        p_buf = torch.empty((min(V, fold_slab_rows(D, cce_config.fold_slab_bytes)), D), device=dev,
+                            dtype=torch.float32)
     z_buf = torch.empty((nc, V), device=dev, dtype=dtype)
     prec = dot_precision(cfg, dtype)
     for i in range(n_chunks):
@@ -219,6 +225,9 @@ def _fast_forward(hidden, weight, bias, targets, opts, reduction, tokens_per_chu
                 torch.mm(z.t(), x, out=d_weight)
             elif exact_acc:
                 d_weight.addmm_(z.t(), x)
+            elif p_buf is not None:
+                accumulate_matmul_cublas(z.t(), x, d_weight, lo, p_buf, first=i == 0, last=i == n_chunks - 1,
+                                         lo_mode=lo_mode)
             else:
                 accumulate_matmul(z.t(), x, d_weight, lo, first=i == 0, last=i == n_chunks - 1, lo_mode=lo_mode,
                                   tile=cfg.accumulate_tile, upcast=cfg.upcast_dot, dot_precision=prec,
@@ -229,6 +238,20 @@ def _fast_forward(hidden, weight, bias, targets, opts, reduction, tokens_per_chu
     if reduction == "mean":
         loss = loss / count
     return loss, d_hidden, d_weight, d_bias
+
+
+def weight_accumulate_scheme(device) -> str:
+    """How the fast path adds each chunk's d_weight into the 16-bit accumulator
+    (``config.fast_path_weight_accumulate``): "triton" (one Triton matmul with the fold in its epilogue)
+    or "cublas_fold" (cuBLAS float32 products of a vocabulary slab, folded in by an elementwise pass)."""
+    from .. import config as cce_config
+
+    scheme = cce_config.fast_path_weight_accumulate
+    if scheme == "auto":
+        return "cublas_fold" if torch.device(device).type == "cuda" else "triton"
+    if scheme not in ("triton", "cublas_fold"):
+        raise ValueError(f"fast_path_weight_accumulate must be 'auto', 'triton' or 'cublas_fold', got {scheme!r}")
+    return scheme
 
 
 def triton_chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
