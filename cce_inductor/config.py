@@ -22,14 +22,17 @@ from typing import Optional
 path: str = "auto"
 
 # Memory budget of the fast path: its peak (the two gradients it returns + its workspace: one
-# [tokens_per_chunk, V] logits chunk and the d_weight rounding remainder) may be at most this fraction
-# of the peak of keeping the logits (the two gradients + the N x V logits in the input dtype), which is
-# what torch.compile's fused loss takes. 0.5 = half of torch.compile's memory.
-fast_path_memory_fraction: float = 0.5
+# [tokens_per_chunk, V] logits chunk, the d_weight rounding remainder and product slab) may be at most this
+# fraction of the peak of keeping the logits (the two gradients + the N x V logits in the input dtype), which
+# is what torch.compile's fused loss takes. 0.8 gives 4096-token chunks at the Gemma 2 and Llama 3 shapes
+# (8192 tokens); at 0.5 they were 1024/512-token chunks and, measured on an H200, slower than the low-memory
+# path (benchmarks/NOTES.md, v6).
+fast_path_memory_fraction: float = 0.8
 
 # Fewest tokens per chunk for which "auto" still takes the fast path: below it every chunk re-reads
-# and re-writes d_weight for too little matmul work, and the low-memory path is the better choice.
-fast_path_min_tokens_per_chunk: int = 256
+# and re-writes d_weight for too little matmul work, and the low-memory path is the better choice
+# (measured at 512 and 1024 tokens on an H200: slower than, or level with, the low-memory path).
+fast_path_min_tokens_per_chunk: int = 2048
 
 # Most tokens per chunk the budget may give (bigger chunks gain little once the d_weight passes are few,
 # and keep the memory flat as the tokens grow).

@@ -185,9 +185,7 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor
     return torch.mm(a.float(), b.float(), out=out)
 
 
-def fold_slab_rows(cols: int, slab_bytes: int) -> int:
-    """Rows of the float32 [rows, cols] product buffer the cuBLAS + fold scheme works through at a time."""
-    return max(1, slab_bytes // (4 * max(1, cols)))
+from ..paths import fold_slab_rows  # noqa: E402,F401  (re-exported for the kernels)
 
 
 def accumulate_matmul_cublas(a: torch.Tensor, b: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor],
