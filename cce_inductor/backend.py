@@ -117,7 +117,10 @@ class CCEGraphPass(CustomGraphPass):
         rewrite_graph(graph)
 
     def uuid(self) -> Any:
-        return ("cce_inductor", pass_uuid())
+        from . import config
+
+        # config.path is written into the rewritten graph (the op's path= argument): part of the key
+        return ("cce_inductor", pass_uuid(), config.path)
 
 
 class ComposedPass(CustomGraphPass):

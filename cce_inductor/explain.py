@@ -46,13 +46,15 @@ class ExplainReport:
                  f"in {self.graphs} graph(s); estimated activation memory saved vs eager {_fmt_bytes(self.saved_bytes)}"]
         if self.rewrites:
             lines += ["", "Rewritten:"]
-            rows = [("where", "code", "loss", "matmul", "N", "D", "V", "dtype", "options", "saved")]
+            rows = [("where", "code", "loss", "matmul", "N", "D", "V", "dtype", "path", "saved", "options")]
             for r in self.rewrites:
                 opts = ", ".join(f"{k}={v}" for k, v in r.options.items())
                 rows.append((*_split_where(r.where), r.loss, r.spelling, str(r.N), str(r.D), str(r.V), r.dtype,
-                             opts, _fmt_bytes(r.saved_bytes)))
+                             r.path, _fmt_bytes(r.saved_bytes), opts))
             lines.extend(_table(rows))
             for r in self.rewrites:
+                if r.path_reason:
+                    lines.append(f"  path ({_split_where(r.where)[0]}): {r.path} — {r.path_reason}")
                 for note in r.notes:
                     lines.append(f"  note ({_split_where(r.where)[0]}): {note}")
         if self.misses:

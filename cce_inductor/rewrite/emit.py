@@ -144,11 +144,12 @@ def _emit_nodes(emit: _Emitter, plan: Plan) -> tuple[Node, list]:
         h_at[i] = h
     o = plan.options
     kwargs = dict(bias=b, ignore_index=o.ignore_index, reduction=m.reduction, label_smoothing=o.label_smoothing,
-                  softcap=o.softcap, logit_scale=o.logit_scale)
+                  softcap=o.softcap, logit_scale=o.logit_scale, path=plan.path)
     if plan.lse_users:
         kwargs["return_lse"] = True
     target = op_target()
     if m.parallel is not None:  # a vocabulary-sharded DTensor lm-head (cce_inductor.distributed.rewrite_hook)
+        kwargs.pop("path")
         kwargs.update(m.parallel.kwargs)
         target = m.parallel.target
         PURE_CALLABLES.add(target)  # it writes none of its inputs
@@ -241,9 +242,10 @@ def _record(plan: Plan, erased: set) -> Rewrite:
     if m.parallel is not None:
         notes.append(m.parallel.note)
     n_sym = "x".join(str(s) for s in t_shape) or "1"
+    path, reason = (plan.expected_path, plan.path_reason) if m.parallel is None else ("vocab_parallel", "")
     return Rewrite(location(m.loss), m.kind, mm.spelling, n_sym if n_tok is None else n_tok, _size_str(m.D),
                    _size_str(m.V), str(plan.compute_dtype).replace("torch.", ""), opts, saved, logits_kept,
-                   len(plan.lse_users), notes)
+                   len(plan.lse_users), notes, path, reason)
 
 
 def _size_str(x: Any) -> Any:

@@ -111,12 +111,12 @@ def rewrite_graph(graph_or_module: Any) -> PassResult:
     return _rewrite(graph_or_module, top_level=True)
 
 
-def _rewrite(graph_or_module: Any, top_level: bool) -> PassResult:
+def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) -> PassResult:
     graph = graph_or_module.graph if isinstance(graph_or_module, GraphModule) else graph_or_module
     result = PassResult()
     for hop, body in _subgraph_bodies(graph):
         if hop in _INLINE_BODY_HOPS:
-            inner = _rewrite(body, top_level=False)
+            inner = _rewrite(body, top_level=False, recomputed=hop == "tag_activation_checkpoint")
             result.rewrites.extend(inner.rewrites)
             result.misses.extend(inner.misses)
         else:
@@ -131,7 +131,7 @@ def _rewrite(graph_or_module: Any, top_level: bool) -> PassResult:
         where = location(loss)
         try:
             try:
-                plan = plan_rewrite(match_loss(loss), regions)
+                plan = plan_rewrite(match_loss(loss), regions, recomputed=recomputed)
             except Miss:
                 raise
             except Exception as e:  # an unforeseen graph shape: report it, never fail the compile

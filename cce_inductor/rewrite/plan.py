@@ -44,6 +44,9 @@ class Plan:
     bias_dtype: Optional[torch.dtype]  # the dtype the bias is handed to the op in
     options: LossOptions
     lse_users: list  # (logsumexp node, eager-order position of its input, keepdim, extra layout step)
+    path: str = "auto"  # the op's path= argument ("auto" | "fast" | "low_memory")
+    expected_path: str = ""  # what that resolves to at the traced sizes ("fast" | "low_memory"), for explain
+    path_reason: str = ""
 
     @property
     def scale(self) -> float:
@@ -198,7 +201,31 @@ def _what_writes(n: Node) -> str:
     return "`setitem` (z[...] = ...)" if name == "setitem" else f"`{name}`"
 
 
-def plan_rewrite(m: Match, regions: Regions, pos: Optional[dict] = None) -> Plan:
+def _plan_path(m: Match, regions: Regions, compute: torch.dtype, lse_users: list, recomputed: bool):
+    """(path argument, expected path, reason). The argument is ``config.path`` as it is now (so it is part of
+    the graph, and of every cache key), or "low_memory" inside an activation-checkpointed region: that code
+    runs again in the backward, and the fast path would form the gradients twice. The expected path is
+    ``paths.choose_path`` at the traced sizes (the op decides again from the real sizes when it runs)."""
+    from .. import config
+    from ..paths import choose_path
+
+    grad_mode = regions.grad.get(m.loss)
+    grad_on = torch.is_grad_enabled() if grad_mode is None else grad_mode
+    mm = m.mm
+    inputs = [mm.hidden, mm.weight if mm.weight is not None else mm.weight_t, mm.bias]
+    needs_grad = grad_on and any(isinstance(_val(n), torch.Tensor) and _val(n).requires_grad
+                                 for n in inputs if n is not None)
+    n_tokens = 1
+    for s_ in _shape(m.target) or ():
+        n_tokens = n_tokens * s_
+    if recomputed:
+        return "low_memory", "low_memory", "inside an activation-checkpointed region (recomputed in the backward)"
+    choice = choose_path(n_tokens, m.D, m.V, compute, _val(mm.hidden).device, m.reduction, bool(lse_users),
+                         needs_grad, config.path)
+    return config.path, choice.path, choice.reason
+
+
+def plan_rewrite(m: Match, regions: Regions, pos: Optional[dict] = None, recomputed: bool = False) -> Plan:
     """Decide the whole replacement for a match, or raise Miss with the reason."""
     _check_modes(m, regions)
     scale, softcap, bias = _fold_epilogue(m)
@@ -211,7 +238,8 @@ def plan_rewrite(m: Match, regions: Regions, pos: Optional[dict] = None) -> Plan
     compute, bias_dtype = _plan_dtypes(m, regions, bias)
     lse_users = find_logsumexps(m)
     _check_mutation(m, bias, lse_users, pos if pos is not None else _node_positions(m.loss.graph))
-    return Plan(m, compute, bias, bias_dtype, options, lse_users)
+    path, expected, reason = _plan_path(m, regions, compute, lse_users, recomputed)
+    return Plan(m, compute, bias, bias_dtype, options, lse_users, path, expected, reason)
 
 
 __all__ = ["Plan", "plan_rewrite", "widens", "stat_dtype"]

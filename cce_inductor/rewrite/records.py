@@ -21,6 +21,8 @@ class Rewrite:
     logits_kept: bool
     lse_served: int = 0
     notes: list = field(default_factory=list)
+    path: str = ""  # "fast" | "low_memory": which implementation serves it (at the traced sizes)
+    path_reason: str = ""
 
 
 @dataclass
