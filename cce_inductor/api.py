@@ -183,7 +183,8 @@ def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                                logit_scale, reduction, return_lse, path)
         if fast is not None:
             return fast
-        loss, lse = torch.ops.cce.linear_cross_entropy_forward(*args)
+        grad_follows = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+        loss, lse = torch.ops.cce.linear_cross_entropy_forward(*args, for_backward=grad_follows)
     if reduction == "none":
         loss = loss.reshape(lead_shape)
     elif reduction == "sum":

@@ -45,7 +45,7 @@ def _low_memory_in_forward(hidden, weight, bias, targets, opts, reduction, need_
         from . import kernels
         from .op import _triton_forward
 
-        fwd, bwd = _triton_forward(hidden), kernels.triton_backward  # the forward config.forward_kernel names
+        fwd, bwd = _triton_forward(hidden, for_backward=True), kernels.triton_backward
     else:
         fwd, bwd = chunked_torch.forward, chunked_torch.backward
     loss_rows, lse = fwd(hidden, weight, bias, targets, opts)

@@ -36,21 +36,26 @@ def use_triton_on_cpu(enabled: bool = True):
         _triton_on_cpu = previous
 
 
-def _implementation(hidden: Tensor):
+def _implementation(hidden: Tensor, for_backward: bool = True):
     if hidden.dtype in _TRITON_DTYPES and (hidden.is_cuda or _triton_on_cpu):
         from . import kernels  # imported lazily: triton is not needed for the CPU path
 
-        return _triton_forward(hidden), kernels.triton_backward
+        return _triton_forward(hidden, for_backward), kernels.triton_backward
     return chunked_torch.forward, chunked_torch.backward
 
 
-def _triton_forward(hidden: Tensor):
-    """The per-token forward kernel ``cce_inductor.config.forward_kernel`` asks for (see config.py)."""
+def _triton_forward(hidden: Tensor, for_backward: bool = True):
+    """The per-token forward kernel ``cce_inductor.config.forward_kernel`` asks for (see config.py).
+
+    "auto": the fused kernel when the backward will recompute the logits from this lse (its fp32 logits are
+    the ones the backward recomputes, so softmax sums to 1 exactly there: with the chunked forward's bf16
+    logits the low-memory gradients were 1.3x eager's error on an H200), the chunked one for a forward
+    without gradient on CUDA (torch.compile's speed)."""
     from . import config, kernels
 
     choice = config.forward_kernel
     if choice == "auto":
-        choice = "chunked" if hidden.is_cuda else "fused"
+        choice = "chunked" if (hidden.is_cuda and not for_backward) else "fused"
     if choice == "chunked":
         chunk_bytes = config.forward_chunk_bytes
         return lambda h, w, b, t, opts: kernels.triton_chunked_forward(h, w, b, t, opts, chunk_bytes=chunk_bytes)
@@ -91,16 +96,17 @@ def _options(ignore_index, label_smoothing, softcap, logit_scale) -> LossOptions
 @torch.library.custom_op("cce::linear_cross_entropy_forward", mutates_args=())
 def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                                  ignore_index: int, label_smoothing: float, softcap: Optional[float],
-                                 logit_scale: float) -> tuple[Tensor, Tensor]:
-    """Per-token (loss, lse) [N], float32 (float64 for float64 inputs); loss is 0 on ignored tokens."""
-    fwd, _ = _implementation(hidden)
+                                 logit_scale: float, for_backward: bool = True) -> tuple[Tensor, Tensor]:
+    """Per-token (loss, lse) [N], float32 (float64 for float64 inputs); loss is 0 on ignored tokens.
+    ``for_backward=False``: no gradient will be computed from this call (picks the no-grad forward kernel)."""
+    fwd, _ = _implementation(hidden, for_backward)
     opts = _options(ignore_index, label_smoothing, softcap, logit_scale)
     with _autocast_off(hidden):
         return _or_pytorch(fwd, chunked_torch.forward, hidden, weight, bias, targets, opts)
 
 
 @linear_cross_entropy_forward.register_fake
-def _(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale):
+def _(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale, for_backward=True):
     n, dtype = hidden.shape[0], chunked_torch.stat_dtype(hidden)
     return hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype)
 
@@ -139,7 +145,7 @@ def _(grad_loss, grad_lse, hidden, weight, bias, targets, lse, ignore_index, lab
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale = inputs
+    hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale = inputs[:8]
     _, lse = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse)
     ctx.loss_args = (ignore_index, label_smoothing, softcap, logit_scale)
@@ -150,12 +156,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_lse):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     if grad_loss is None and grad_lse is None:
-        return None, None, None, None, None, None, None, None
+        return (None,) * 9
     need_d_weight = ctx.needs_input_grad[1]
     d_hidden, d_weight, d_bias = linear_cross_entropy_backward(grad_loss, grad_lse, hidden, weight, bias, targets,
                                                                lse, *ctx.loss_args, need_d_weight=need_d_weight)
-    return (d_hidden, d_weight if need_d_weight else None, d_bias if bias is not None else None,
-            None, None, None, None, None)
+    return (d_hidden, d_weight if need_d_weight else None, d_bias if bias is not None else None) + (None,) * 6
 
 
 linear_cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
