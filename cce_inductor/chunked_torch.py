@@ -52,6 +52,16 @@ def _logits(h: Tensor, w: Tensor, b: Optional[Tensor], opts: LossOptions) -> tup
     return th * opts.softcap, th
 
 
+def through_epilogue_(dz: Tensor, th: Optional[Tensor], opts: LossOptions) -> Tensor:
+    """d(loss)/d(logits) -> d(loss)/d(raw logits), in place: times 1 - tanh^2 for the softcap (``th`` is the
+    tanh ``_logits`` returned; it is consumed), times the logit scale."""
+    if th is not None:
+        dz.mul_(th.mul_(th).neg_().add_(1))
+    if opts.logit_scale != 1.0:
+        dz.mul_(opts.logit_scale)
+    return dz
+
+
 def _target_status(t: Tensor, v: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """(valid, out_of_range, clamped index): valid rows are in [0, V); ignored rows are neither."""
     ignored = t == ignore_index
@@ -111,10 +121,7 @@ def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weig
         dz.scatter_add_(1, idx[:, None], (-(1 - eps) * g)[:, None])
         if eps:
             dz -= (g * (eps / v))[:, None]
-        if th is not None:
-            dz.mul_(th.mul_(th).neg_().add_(1))  # 1 - tanh^2
-        if opts.logit_scale != 1.0:
-            dz *= opts.logit_scale
+        through_epilogue_(dz, th, opts)
         d_hidden[s:e] = (dz @ w).to(hidden.dtype)
         if d_weight is not None:
             d_weight += dz.T @ h

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .chunked_torch import _logits, _rows_per_chunk, _target_status, stat_dtype
+from .chunked_torch import _logits, _rows_per_chunk, _target_status, stat_dtype, through_epilogue_
 from .options import LossOptions
 
 
@@ -63,10 +63,7 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
         dz.scatter_add_(1, idx[:, None], (-(1 - eps) * g)[:, None])
         if eps:
             dz -= (g * (eps / v))[:, None]
-        if th is not None:
-            dz.mul_(th.mul_(th).neg_().add_(1))  # 1 - tanh^2
-        if opts.logit_scale != 1.0:
-            dz *= opts.logit_scale
+        through_epilogue_(dz, th, opts)
         if d_hidden is not None:
             d_hidden[s:e] = (dz @ w).to(hidden.dtype)
         if d_weight is not None:

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from . import vocab_parallel as _vp
-from .functional import _autocast_dtype, local_vocab_parallel_loss
+from ..api import _autocast_like_linear
+from .functional import local_vocab_parallel_loss
 
 PLAIN_HIDDEN_MESSAGE = (
     "weight is a DTensor sharded on the vocabulary (Shard(0)) but hidden is a plain tensor: that is ambiguous "
@@ -108,10 +109,8 @@ def dtensor_vocab_parallel_linear_cross_entropy(hidden, weight, targets, *, bias
     """
     from torch.distributed.tensor import DTensor
 
-    amp = _autocast_dtype(hidden.device.type) if apply_autocast else None
-    if amp is not None:
-        hidden, weight = hidden.to(amp), weight.to(amp)
-        bias = None if bias is None else bias.to(amp)
+    if apply_autocast:  # as F.linear under autocast: float64 is not cast
+        hidden, weight, bias = _autocast_like_linear(hidden, weight, bias)
     reason = unsupported_reason(hidden, weight, bias, targets, plain_hidden_ok=allow_plain_hidden)
     if reason is not None:
         raise TypeError(reason)

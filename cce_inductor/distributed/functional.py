@@ -6,13 +6,13 @@ its own rows of the lm-head weight (and bias). DTensor arguments are handled by
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..api import _autocast_like_linear, _check_target_range, _is_tracing  # noqa: F401  (shared with the op)
 from ..options import LossOptions
 from . import vocab_parallel as _vp  # noqa: F401  (registers torch.ops.cce.vocab_parallel_*)
 
@@ -26,19 +26,6 @@ def _is_dtensor(t) -> bool:
     except ImportError:  # pragma: no cover - torch without DTensor
         return False
     return isinstance(t, DTensor)
-
-
-def _is_tracing(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-    return torch.compiler.is_compiling() or get_proxy_mode() is not None or is_fake(t)
-
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    if device_type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
 
 
 def check_local_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], reduction: str,
@@ -64,19 +51,6 @@ def check_local_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Op
     if not isinstance(vocab_size, int) or vocab_size < weight.shape[0] or vocab_size < 1:
         raise ValueError(f"vocab_size must be the global vocabulary size (>= the {weight.shape[0]} local rows); "
                          f"got {vocab_size!r}")
-
-
-def _check_target_range(targets: Tensor, vocab: int, ignore_index: int) -> None:
-    """Eager mode only (one host synchronisation on CUDA), as ``cce_inductor.linear_cross_entropy``."""
-    if _is_tracing(targets) or os.environ.get("CCE_INDUCTOR_CHECK_TARGETS", "1") == "0":
-        return
-    if targets.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
-        where = bad.nonzero()[0].tolist()
-        raise ValueError(f"target {targets[tuple(where)].item()} at position {tuple(where)} is outside the "
-                         f"vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})")
 
 
 def local_vocab_parallel_loss(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], *,
@@ -145,10 +119,7 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets:
         group_name = _vp.group_name_of(group)
     elif group is not None:
         raise ValueError("pass group or group_name, not both")
-    amp = _autocast_dtype(hidden.device.type)
-    if amp is not None:
-        hidden, weight = hidden.to(amp), weight.to(amp)
-        bias = None if bias is None else bias.to(amp)
+    hidden, weight, bias = _autocast_like_linear(hidden, weight, bias)
     return local_vocab_parallel_loss(
         hidden, weight, targets, bias, group_name=group_name, vocab_start=-1 if vocab_start is None else vocab_start,
         vocab_size=vocab_size, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,

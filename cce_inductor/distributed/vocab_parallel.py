@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..chunked_torch import through_epilogue_
 from ..options import LossOptions
 
 # Elements of one float32 logits chunk (token rows × V_local). On the CPU small chunks stay in cache;
@@ -196,10 +197,7 @@ def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weig
             dz.scatter_add_(1, local_t.clamp(0, v_local - 1)[:, None], hit[:, None])
             if eps:
                 dz -= (gs * (eps / vocab_size))[:, None]
-            if th is not None:
-                dz.mul_(th.mul_(th).neg_().add_(1))  # 1 - tanh^2
-            if opts.logit_scale != 1.0:
-                dz *= opts.logit_scale
+            through_epilogue_(dz, th, opts)
             if d_bias is not None:
                 d_bias += dz.sum(dim=0)
             dzm = dz.to(md)  # the matmul dtype (eager's logits gradient is in the logits' dtype too)
