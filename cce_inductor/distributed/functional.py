@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..api import _autocast_like_linear, _check_target_range, _is_tracing  # noqa: F401  (shared with the op)
+from ..api import _autocast_like_linear, _check_target_range
 from ..options import LossOptions
 from . import vocab_parallel as _vp  # noqa: F401  (registers torch.ops.cce.vocab_parallel_*)
 
