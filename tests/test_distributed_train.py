@@ -367,6 +367,48 @@ def test_row_parallel_lm_head_is_left_alone_with_a_reason(workers):
         assert any("Shard(dim=1)" in m and "only vocabulary sharding" in m for m in misses), misses
 
 
+class WritesLocalWeightLM(HFShapeLM):
+    """Writes the lm-head weight's local shard between the lm-head and the loss (what an in-loop weight
+    update could do): eager's logits were computed before the write, a fused op would read after it."""
+
+    def forward(self, ids, labels=None):
+        logits = self.lm_head(self.model(ids))
+        with torch.no_grad():
+            self.lm_head.weight.to_local().mul_(0.5)
+        return F.cross_entropy(logits.view(-1, V), labels.reshape(-1), ignore_index=-100)
+
+
+def _tp_write_worker(rank, world):
+    """A write to a DTensor's local tensor is a write to the DTensor: the loss is left alone, with the
+    reason, and computes what eager computes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
+
+    from cce_inductor.backend import make_backend
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = WritesLocalWeightLM().double()
+    parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
+    eager_model = copy.deepcopy(model)
+    ids, labels = _batches(1)[0]
+    results = []
+    with loss_parallel():
+        loss = torch.compile(model, backend=make_backend("aot_eager", on_result=results.append))(ids, labels)
+        want = eager_model(ids, labels)
+    misses = [m.reason for r in results for m in r.misses]
+    rewrites = [r for res in results for r in res.rewrites]
+    return float(_full(loss)), float(_full(want)), misses, len(rewrites)
+
+
+def test_write_to_a_local_shard_is_left_alone(workers):
+    for loss, want, misses, n_rewrites in workers.run(_tp_write_worker, timeout=180):
+        assert n_rewrites == 0, misses
+        assert abs(loss - want) < 1e-9
+        assert any("writes to the weight" in m for m in misses), misses
+
+
 def _hf_worker(rank, world, mode):
     """A tiny Hugging Face Llama: FSDP2 (each decoder layer and the root sharded) or tensor parallel
     (ColwiseParallel lm_head + loss_parallel), ``model(input_ids, labels=labels).loss`` compiled."""

@@ -176,6 +176,46 @@ def test_writes_elsewhere_do_not_block_the_rewrite(data):
     check(f, (h, w, y), 1)
 
 
+def test_a_no_grad_block_between_matmul_and_loss_is_not_a_grad_mode_change(data):
+    """A ``with torch.no_grad():`` block that writes elsewhere, between the matmul and the loss: the mode is
+    set back before the loss, so both run with grad on (rewritten, exact); the same block writing the
+    weight is still refused."""
+    h, w, b, y = data
+    counter = torch.zeros(())
+
+    def f(h, w, y):
+        z = h @ w.T
+        with torch.no_grad():
+            counter.add_(1.0)
+        return _ce(z, y)
+    check(f, (h, w, y), 1)
+
+    def writes_weight(h, w, y):
+        z = h @ w.T
+        with torch.no_grad():
+            w.mul_(0.5)
+        return _ce(z, y)
+    assert_left_alone(writes_weight, (h.detach(), w.detach(), y), "writes to the weight")
+
+
+def test_storages_see_through_wrapper_subclasses():
+    """A tensor subclass wrapping others (as DTensor wraps its local shard) shares memory with each inner
+    tensor; a tensor whose memory cannot be told may share it with any tensor."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    from cce_inductor.rewrite.mutation import UNKNOWN_STORAGE, may_share_memory, storages
+
+    a, b, c = torch.randn(4), torch.randn(4), torch.randn(4)
+    both = storages(TwoTensor(a, b))  # (a node's example value, or a value itself)
+    assert may_share_memory(both, storages(a[1:]))
+    assert may_share_memory(both, storages(b.view(2, 2)))
+    assert not may_share_memory(both, storages(c))
+    sparse = storages(torch.eye(3).to_sparse())
+    assert sparse is UNKNOWN_STORAGE
+    assert may_share_memory(sparse, storages(c)) and may_share_memory(storages(c), sparse)
+    assert not may_share_memory(sparse, storages(3))  # not a tensor: no memory
+
+
 def test_write_between_is_seen_through_install_and_inductor(data):
     h, w, b, y = data
     y = y.clamp(max=VREAL - 1)

@@ -9,9 +9,12 @@ check needs, from what torch already records:
 * :func:`written_args` — the arguments a node writes, from the op's schema (``Tensor(a!)`` arguments:
   in-place methods, ``out=``, ``copy_``, custom ops declared with ``mutates_args``), Python's in-place
   operators (``z[...] = x``, ``z += 1``), or None when nothing tells (then every tensor argument counts).
-* :func:`storage_key` — the storage a node's value lives in. Dynamo's fake values keep eager's aliasing
+* :func:`storages` — the storages a node's value lives in. Dynamo's fake values keep eager's aliasing
   (a view shares its base's fake storage, ``reshape`` of a contiguous tensor too, ``z.float()`` of a
-  float32 ``z`` is ``z``), so two values alias exactly when their storages are the same.
+  float32 ``z`` is ``z``), so two values alias exactly when they share a storage. A tensor subclass that
+  wraps others (a DTensor and its ``to_local()``) lives in its own storage and in each inner tensor's.
+  A tensor whose storage cannot be read (sparse, nested, an opaque subclass) is :data:`UNKNOWN_STORAGE`:
+  it may alias anything.
 """
 from __future__ import annotations
 
@@ -40,15 +43,53 @@ GRAD_OBSERVERS = frozenset({"register_hook", "retain_grad", "register_post_accum
 PURE_CALLABLES = {getattr, operator.getitem, len, isinstance, type}
 
 
-def storage_key(node: Any) -> Optional[StorageWeakRef]:
-    """The storage of a node's (fake) tensor value; None for non-tensors and tensors without storage."""
+class _UnknownStorage:
+    """The storage set of a tensor whose memory cannot be told: treated as sharing memory with every tensor."""
+
+    def __repr__(self) -> str:
+        return "UNKNOWN_STORAGE"
+
+
+UNKNOWN_STORAGE = _UnknownStorage()
+
+
+def _tensor_storages(v: torch.Tensor, depth: int = 0):
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    keys = set()
+    try:
+        keys.add(StorageWeakRef(v.untyped_storage()))
+    except Exception:  # sparse, nested, or a subclass without a storage of its own
+        pass
+    if is_traceable_wrapper_subclass(v) and depth < 8:
+        names, _ = v.__tensor_flatten__()
+        for name in names:
+            inner = getattr(v, name)
+            if not isinstance(inner, torch.Tensor):  # e.g. a DTensor's device mesh
+                continue
+            inner = _tensor_storages(inner, depth + 1)
+            if inner is UNKNOWN_STORAGE:
+                return UNKNOWN_STORAGE
+            keys |= inner
+    return frozenset(keys) if keys else UNKNOWN_STORAGE
+
+
+def storages(node: Any):
+    """The storages a node's (fake) tensor value lives in: a frozenset (empty for non-tensors), or
+    :data:`UNKNOWN_STORAGE` for a tensor whose memory cannot be told."""
     v = _val(node)
     if not isinstance(v, torch.Tensor):
-        return None
-    try:
-        return StorageWeakRef(v.untyped_storage())
-    except Exception:  # sparse, nested or a subclass without one storage
-        return None
+        return frozenset()
+    return _tensor_storages(v)
+
+
+def may_share_memory(a, b) -> bool:
+    """Whether two :func:`storages` results may be the same memory."""
+    if a is UNKNOWN_STORAGE:
+        return b is UNKNOWN_STORAGE or bool(b)
+    if b is UNKNOWN_STORAGE:
+        return bool(a)
+    return not a.isdisjoint(b)
 
 
 @functools.lru_cache(maxsize=None)

@@ -28,7 +28,7 @@ from torch.fx import Node
 from ..options import LossOptions
 from .fx_util import _dtype, _same_size, _shape, _val, location
 from .match import Match, Miss
-from .mutation import GRAD_OBSERVERS, storage_key, writes
+from .mutation import GRAD_OBSERVERS, may_share_memory, storages, writes
 from .regions import Regions
 from .steps import StepKind
 from .zloss import find_logsumexps
@@ -162,36 +162,44 @@ def _check_mutation(m: Match, bias: Optional[Node], lse_users: list, pos: dict) 
         reads["bias"] = bias
     if mm.bias is not None:
         reads["bias"] = mm.bias
-    saved: dict = {}
-    for what, node in list(reads.items()) + [("targets", m.target)]:
-        key = storage_key(node)
-        if key is not None:
-            saved.setdefault(key, what)
-    protected = {k: v for k, v in saved.items() if v != "targets"}
-    for n in [mm.node] + [st.node for st in m.steps] + [x for st in m.steps for x in st.extra]:
-        key = storage_key(n)
-        if key is not None:
-            protected.setdefault(key, "logits")
+    # (storages, what) of each tensor the op saves for its backward, and of each the window must not touch.
+    saved = [(storages(node), what) for what, node in list(reads.items()) + [("targets", m.target)]]
+    protected = [(keys, what) for keys, what in saved if what != "targets"]
+    chain = [mm.node] + [st.node for st in m.steps] + [x for st in m.steps for x in st.extra]
+    logits = [(storages(n), "logits") for n in chain]
+    protected += logits
     start = pos[mm.node]
     end = max([pos[m.loss]] + [pos[u[0]] for u in lse_users])
-    chain = {mm.node, *(st.node for st in m.steps), *(x for st in m.steps for x in st.extra)}
+    chain = set(chain)
     for n in m.loss.graph.nodes:
         p = pos[n]
         if p <= start or n in chain:
             continue
         for w in writes(n):
-            key = storage_key(w)
-            if p < end and key in protected:
-                raise Miss(f"{_what_writes(n)} writes to the {protected[key]} (or memory they share) between the "
-                           f"matmul and the loss, at {location(n)}")
-            if p > end and key in saved:
-                raise Miss(f"{_what_writes(n)} writes to the {saved[key]} after the loss, at {location(n)}: "
-                           "the op saves them for its backward")
+            keys = storages(w)
+            if p < end:
+                hit = _first_sharing(keys, protected)
+                if hit is not None:
+                    raise Miss(f"{_what_writes(n)} writes to the {hit} (or memory they share) between the "
+                               f"matmul and the loss, at {location(n)}")
+            elif p > end:
+                hit = _first_sharing(keys, saved)
+                if hit is not None:
+                    raise Miss(f"{_what_writes(n)} writes to the {hit} after the loss, at {location(n)}: "
+                               "the op saves them for its backward")
     # Hooks / retain_grad on the logits would miss the loss's part of their gradient.
-    logits_keys = {k for k, what in protected.items() if what == "logits"}
     for n in m.loss.graph.nodes:
-        if n.op == "call_method" and n.target in GRAD_OBSERVERS and n.args and storage_key(n.args[0]) in logits_keys:
+        if (n.op == "call_method" and n.target in GRAD_OBSERVERS and n.args
+                and _first_sharing(storages(n.args[0]), logits) is not None):
             raise Miss(f"{n.target}() on the logits at {location(n)}: their gradient would not include the loss's")
+
+
+def _first_sharing(keys, named: list) -> Optional[str]:
+    """The name of the first (storages, name) in ``named`` that may share memory with ``keys``."""
+    for other, what in named:
+        if may_share_memory(keys, other):
+            return what
+    return None
 
 
 def _what_writes(n: Node) -> str:

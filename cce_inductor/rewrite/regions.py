@@ -14,11 +14,12 @@ from torch.fx import Graph, Node
 
 
 def _grad_modes(graph: Graph) -> dict:
-    """node → grad mode it runs under, relative to the graph's entry (``torch.no_grad()`` /
-    ``torch.enable_grad()`` blocks inside a Dynamo graph become ``_set_grad_enabled`` nodes);
-    None means "as on entry"."""
+    """node → the grad mode it runs under (``torch.no_grad()`` / ``torch.enable_grad()`` blocks inside a
+    Dynamo graph become ``_set_grad_enabled`` nodes). Before the first such node: the mode the graph is
+    entered with, which Dynamo guards on and which is current while the backend compiles it (so a node
+    after a ``no_grad`` block, where the mode is set back, compares equal to one before it)."""
     state: dict = {}
-    mode = None
+    mode = torch.is_grad_enabled()
     for n in graph.nodes:
         if n.op == "call_function" and n.target is torch._C._set_grad_enabled and n.args:
             mode = bool(n.args[0])
