@@ -13,6 +13,10 @@ from cce_inductor.kernels import KernelConfig, triton_backward, triton_forward  
 from cce_inductor.kernels.config import INTERPRETER_CONFIG, chunk_width, forward_splits  # noqa: E402
 from cce_inductor.reference import reference_loss_and_grads, rel_err  # noqa: E402
 from cce_inductor.options import LossOptions  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from cce_inductor.kernels.common import to_rne  # noqa: E402
 
 from helpers import kernel_inputs as make_inputs, poison  # noqa: E402,F401  (poison: a fixture)
 
@@ -225,3 +229,24 @@ def test_dhidden_cublas_fold_variant(dtype, poison):
     cfg = INTERPRETER_CONFIG.with_(chunk_cols=32)
     with config.patch(low_memory_dhidden="cublas_fold", fold_slab_bytes=8 * 24 * 4):  # 3 slabs of 8 rows
         run_and_check(h, w, b, t, opts, cfg, gen)
+
+
+@triton.jit
+def _store_rounded_bf16(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(out_ptr + offs, to_rne(x, tl.bfloat16), mask=offs < n)
+
+
+def test_bf16_rounding_keeps_every_nan():
+    """``to_rne`` (the kernels' fp32 -> bf16 store) on the NaN bit patterns a GPU produces (0x7FFFFFFF,
+    0xFFFFFFFF) and the canonical one: NaN stays NaN (a rounding bias carried into the sign gave +-0);
+    finite values and infinities round to nearest even as torch does."""
+    bits = torch.tensor([0x7FC00000, 0x7FFFFFFF, -1, 0x7F800000, -0x800000,  # NaNs, +-inf
+                         0x3F808000, 0x3F818000, 0x3F80C000, 0x3F807FFF], dtype=torch.int32)  # ties, near-tie
+    x = bits.view(torch.float32)
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    _store_rounded_bf16[(1,)](x, out, x.numel(), BLOCK=16)
+    want = x.to(torch.bfloat16)
+    assert torch.isnan(out[:3]).all(), out
+    torch.testing.assert_close(out[3:], want[3:], rtol=0, atol=0)

@@ -56,9 +56,11 @@ def logits_tile(
 def to_rne(x, DTYPE: tl.constexpr):
     """fp32 ``x`` converted to ``DTYPE`` rounding to nearest even, on every backend: for bf16 the rounding
     is done on the bits first (the Triton interpreter's own fp32 -> bf16 conversion truncates, the GPU's
-    rounds to nearest: this makes the interpreter tests see the GPU's numbers)."""
+    rounds to nearest: this makes the interpreter tests see the GPU's numbers). NaNs are kept as they are:
+    adding the rounding bias to a NaN whose mantissa is all ones (0x7FFFFFFF, the GPU's NaN) would carry
+    into the sign and give +-0."""
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+        x = tl.where(x != x, x, ((bits >> 16) << 16).to(tl.float32, bitcast=True))
     return x.to(DTYPE)
