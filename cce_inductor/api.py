@@ -131,10 +131,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     ``cce_inductor.paths``.
 
     A DTensor weight sharded on the vocabulary (``Shard(0)``, tensor parallel) with DTensor hidden states
-    on the same 1-D mesh runs the vocabulary-parallel op (``cce_inductor.distributed``).
+    on the same 1-D mesh runs the vocabulary-parallel op (``cce_inductor.distributed``); it has one scheme
+    (the low-memory one), so ``path`` is checked but has no effect there.
     """
-    if _is_dtensor(weight) or _is_dtensor(hidden):  # a vocabulary-sharded (tensor-parallel) lm-head
+    if any(_is_dtensor(t) for t in (weight, hidden, bias, targets)):  # a tensor-parallel lm-head
         from .distributed.dtensor import dtensor_vocab_parallel_linear_cross_entropy
+        from .paths import PATHS
+
+        if path is not None and path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
 
         return dtensor_vocab_parallel_linear_cross_entropy(
             hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,

@@ -75,9 +75,9 @@ def loss_and_grads(fn, hidden, weight, bias, targets, upstream_seed: Optional[in
     if upstream_seed is None:
         return loss, lse, torch.autograd.grad(loss, params)
     g = torch.Generator().manual_seed(upstream_seed)
-    total = (loss * torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype)).sum()
+    total = (loss * torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.device, loss.dtype)).sum()
     if lse is not None:
-        total = total + (lse * torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.dtype)).sum()
+        total = total + (lse * torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.device, lse.dtype)).sum()
     return loss, lse, torch.autograd.grad(total, params)
 
 

@@ -40,9 +40,12 @@ def check_local_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Op
         raise ValueError(f"the local bias must have shape [V_local] = [{weight.shape[0]}]; got {tuple(bias.shape)}")
     if hidden.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden must be a floating-point tensor; got {hidden.dtype}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != hidden.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} does not match hidden dtype {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
+    stat = _vp._stat_dtype(hidden)
+    if bias is not None and bias.dtype not in (hidden.dtype, stat):
+        raise TypeError(f"bias dtype {bias.dtype} must be hidden's dtype ({hidden.dtype}) or the op's arithmetic "
+                        f"dtype ({stat}: a bias eager would add in that precision)")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must hold integer class indices; got {targets.dtype}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
