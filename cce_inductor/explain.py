@@ -111,10 +111,11 @@ def explain(fn: Callable, *args: Any, **kwargs: Any) -> ExplainReport:
         return gm.forward
 
     torch._dynamo.reset()
+    before = set(_graph_break_messages())  # the counters are process-wide: report only this run's
     try:
         compiled = torch.compile(fn, backend=make_backend(run_graph, on_result=record))
         compiled(*args, **kwargs)
-        report.notes.extend(_skipped_frames())
+        report.notes.extend(_skipped_frames(before))
     finally:
         torch._dynamo.reset()
     return report
@@ -123,13 +124,20 @@ def explain(fn: Callable, *args: Any, **kwargs: Any) -> ExplainReport:
 _SKIPPED = re.compile(r"frame skipped: (\S+) \((.+?) line (\d+)\)")
 
 
-def _skipped_frames() -> list:
-    """Frames Dynamo gave up on and ran eagerly (a graph break inside a loop, ...): a loss there is never
-    compiled, so neither rewritten nor reported as a miss. Read from Dynamo's graph-break counters."""
+def _graph_break_messages():
     from torch._dynamo.utils import counters
 
+    return list(counters.get("unimplemented", {}))
+
+
+def _skipped_frames(already_seen: set = frozenset()) -> list:
+    """Frames Dynamo gave up on and ran eagerly (a graph break inside a loop, ...): a loss there is never
+    compiled, so neither rewritten nor reported as a miss. Read from Dynamo's graph-break counters (the
+    messages in ``already_seen`` were there before this run)."""
     notes = []
-    for msg in counters.get("unimplemented", {}):
+    for msg in _graph_break_messages():
+        if msg in already_seen:
+            continue
         for name, path, line in _SKIPPED.findall(msg):
             why = "a graph break inside a for/while loop" if "graph break in loop" in msg else "a graph break"
             note = (f"{name} ({os.path.basename(path)}:{line}) ran eagerly: {why} made Dynamo skip the whole frame. "

@@ -173,6 +173,7 @@ def check(fn, args, expect, *, inner="aot_eager", params=(), rtol=1e-6, atol=1e-
     want_g = _grads_of(want, inputs)
     assert n_rewrites(results) == expect, (
         f"expected {expect} rewrites, got {[r.rewrites for r in results]}, misses {[r.misses for r in results]}")
+    assert len(_outputs(got)) == len(_outputs(want)), (got, want)
     for g, w in zip(_outputs(got), _outputs(want)):
         assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol, equal_nan=True)

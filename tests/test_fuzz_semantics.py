@@ -2,10 +2,12 @@
 biases at random points — ``backend="cce"`` computes what eager computes, or reports the loss as left alone.
 
 A program is: hidden/weight/bias → [hazard A] → matmul → [hazard B] → epilogue (scale, softcap) →
-[hazard C] → cast → loss, where a hazard is an in-place write (to the logits, a view of them, the hidden
-states, the weight, the bias, the targets, an unrelated tensor), a cast (narrowing or widening), or
-nothing. The property, checked for each example: compiling never fails; if the loss was rewritten, the
-loss and every gradient equal eager's; if it was not, the pass reported a miss with a reason.
+[z-loss] → [hazard C] → cast → loss, where a hazard is an in-place write (to the logits, a view of them,
+through ``_foreach_mul_`` or inside a checkpointed body, to the hidden states, the weight, the bias, the
+targets, an unrelated tensor), a hook on the logits, a step under ``no_grad``, or nothing; the z-loss
+is a ``logsumexp`` of the logits (plain, under ``no_grad``, or of a bf16 copy), added to the loss. The
+property, checked for each example: compiling never fails; if the loss was rewritten, the loss, whether
+it requires grad, and every gradient equal eager's; if it was not, the pass reported a miss with a reason.
 """
 from __future__ import annotations
 
@@ -23,7 +25,11 @@ N_EXAMPLES = int(os.environ.get("CCE_FUZZ_SEMANTICS_EXAMPLES", "60"))
 DERANDOMIZE = os.environ.get("CCE_FUZZ_RANDOM") != "1"
 
 WRITES = ["none", "logits_setitem", "logits_mul_", "logits_view_setitem", "logits_masked_fill_", "logits_iadd",
+          "logits_foreach_mul_", "logits_checkpoint_mul_", "logits_hook", "no_grad_step",
           "hidden_add_", "hidden_base_mul_", "weight_mul_", "bias_zero_", "targets_setitem", "unrelated_add_"]
+# Hazards that eager autograd itself cannot differentiate through: those programs run without grad.
+NO_GRAD_WRITES = ("hidden", "weight", "bias", "logits_checkpoint_mul_")
+ZLOSS = [None, "plain", "no_grad", "bf16"]
 CASTS = ["none", "float", "double", "bfloat16", "half"]
 
 
@@ -37,6 +43,7 @@ def programs(draw):
         cast=draw(st.sampled_from(CASTS)), write=draw(st.sampled_from(WRITES)),
         where=draw(st.sampled_from(["before_matmul", "after_matmul", "after_epilogue", "after_loss"])),
         reduction=draw(st.sampled_from(["mean", "sum", "none"])), dtype=draw(st.sampled_from(["float64", "float32"])),
+        zloss=draw(st.sampled_from(ZLOSS)),
         seed=draw(st.integers(0, 2 ** 16)),
     )
     return p
@@ -44,7 +51,7 @@ def programs(draw):
 
 def _write(p, where, z, h, w, b, y, extra):
     """Apply the program's hazard if it sits at ``where``; returns the (possibly new) logits."""
-    if p["where"] != where or p["write"] == "none" or z is None and p["write"].startswith("logits"):
+    if p["where"] != where or p["write"] == "none" or z is None and p["write"].startswith(("logits", "no_grad")):
         return z
     kind = p["write"]
     if kind == "logits_setitem":
@@ -57,6 +64,18 @@ def _write(p, where, z, h, w, b, y, extra):
         z.masked_fill_(torch.arange(z.shape[-1]) % 2 == 1, -2.0)
     elif kind == "logits_iadd":
         z += 0.25
+    elif kind == "logits_foreach_mul_":
+        torch._foreach_mul_([z], 1.5)
+    elif kind == "logits_checkpoint_mul_":
+        from torch.utils.checkpoint import checkpoint
+
+        checkpoint(lambda t: t.mul_(1.5).sum(), z, use_reentrant=False)
+    elif kind == "logits_hook":
+        if z.requires_grad:
+            z.register_hook(lambda g: g * 2.0)
+    elif kind == "no_grad_step":
+        with torch.no_grad():
+            z = z * 1.0
     elif kind == "hidden_add_":
         h.add_(0.5)
     elif kind == "hidden_base_mul_":
@@ -85,8 +104,12 @@ def build(p):
     # Writes to the hidden states, weight or bias would break eager's own backward (version counter):
     # those programs run without grad and compare values only.
     # So do writes to the targets after the loss (the loss saved them).
-    differentiable = not (p["write"].startswith(("hidden", "weight", "bias"))
-                          or (p["write"] == "targets_setitem" and p["where"] == "after_loss"))
+    # So do writes to the logits after the z-loss's logsumexp read them (it saves them for its backward).
+    logits_written = p["write"].startswith("logits") and p["write"] != "logits_hook"
+    differentiable = not (p["write"].startswith(NO_GRAD_WRITES)
+                          or (p["write"] == "targets_setitem" and p["where"] == "after_loss")
+                          or (p["zloss"] is not None and logits_written
+                              and p["where"] in ("after_epilogue", "after_loss")))
 
     def fn(h, w, b, y):
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
@@ -112,18 +135,24 @@ def build(p):
                 z = z * p["scale"]
             if p["softcap"] is not None:
                 z = p["softcap"] * torch.tanh(z / p["softcap"])
+            zl = None
+            if p["zloss"] is not None:  # read before hazard C (a write there lies between it and the loss)
+                src = z.bfloat16() if p["zloss"] == "bf16" else z
+                with torch.set_grad_enabled(p["zloss"] != "no_grad" and torch.is_grad_enabled()):
+                    zl = (torch.logsumexp(src, -1).float().square() * (1.0 + scratch[0])).mean()
             z = _write(p, "after_epilogue", z, hh, ww, bb, yy, extra)
             if p["cast"] != "none":
                 z = getattr(z, p["cast"])()
             loss = F.cross_entropy(z.reshape(-1, V), yy.reshape(-1), reduction=p["reduction"])
             _write(p, "after_loss", z, hh, ww, bb, yy, extra)
             out = loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
-            return out.sum() + scratch.sum()
+            out = out.sum() + scratch.sum()
+            return out if zl is None else out + 1e-2 * zl.to(out.dtype)
     return fn, (h, w, b, y), differentiable
 
 
 def _tolerance(p):
-    low = p["cast"] in ("bfloat16", "half")
+    low = p["cast"] in ("bfloat16", "half") or p["zloss"] == "bf16"
     if low:
         return dict(rtol=2e-2, atol=2e-2)
     return dict(rtol=1e-5, atol=1e-6) if p["dtype"] == "float32" or p["cast"] == "float" else dict(rtol=1e-9,
@@ -150,6 +179,7 @@ def test_rewrite_equals_eager_or_is_reported(p):
         assert misses and all(m.reason for m in misses), (p, results)
     tol = _tolerance(p)
     torch.testing.assert_close(got, want, equal_nan=True, **tol, msg=lambda m: f"{p}\n{results}\n{m}")
+    assert got.requires_grad == want.requires_grad, (p, results)
     if differentiable and want.requires_grad:
         gw = torch.autograd.grad(want, [eh, ew, eb], allow_unused=True)
         gg = torch.autograd.grad(got, [ch, cw, cb], allow_unused=True)

@@ -192,6 +192,23 @@ def test_explain_with_graph_break():
     assert len(report.misses) == 1 and "graph break" in report.misses[0].reason
 
 
+def test_explain_reports_a_skipped_frame_once():
+    """A graph break inside a loop makes Dynamo run the whole frame eagerly: explain says so, and a later
+    explain of another function does not repeat it (Dynamo's graph-break counters are process-wide)."""
+    h, w, b, y = make_inputs(d=D, v=V)
+
+    def looped(h, w, y):
+        x = h
+        for _ in range(2):
+            x = x * 2
+            torch._dynamo.graph_break()
+        return F.cross_entropy((x @ w.T).reshape(-1, V), y.reshape(-1))
+    first = explain(looped, h, w, y)
+    assert any("looped" in n and "ran eagerly" in n for n in first.notes), first.notes
+    second = explain(loss_fn, h, w, y)
+    assert len(second.rewrites) == 1 and not second.notes, second.notes
+
+
 def test_explain_does_not_blame_a_graph_break_for_other_losses():
     """Logits computed inside the graph by something that is not a matmul: no rewrite, no report."""
     h, w, b, y = make_inputs(d=D, v=V)

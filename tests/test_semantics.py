@@ -105,14 +105,9 @@ LOGIT_WRITES = {"setitem_pad_mask": _pad_mask, "masked_fill_": _masked_fill, "cl
 def test_write_to_logits_is_left_alone(data, name):
     h, w, b, y = data
     y = y.clamp(max=VREAL - 1)
+    # the write changes eager's loss (so a rewrite that ignored it could not pass the comparison below)
+    assert not torch.allclose(LOGIT_WRITES[name](h, w, y).double(), _ce(h @ w.T, y))
     assert_left_alone(LOGIT_WRITES[name], (h, w, y), "writes to the logits")
-
-
-def test_pad_mask_values_differ_from_an_unmasked_loss(data):
-    """The hazard is real: the masked loss differs from the plain one (what the old rewrite returned)."""
-    h, w, b, y = data
-    y = y.clamp(max=VREAL - 1)
-    assert not torch.allclose(_pad_mask(h, w, y), _ce(h @ w.T, y))
 
 
 def _hidden_written(h, w, y):
@@ -230,9 +225,8 @@ def test_write_between_inside_a_checkpointed_region(data):
 
     h, w, b, y = data
     y = y.clamp(max=VREAL - 1)
-    misses = assert_left_alone(lambda h, w, y: checkpoint(_pad_mask, h, w, y, use_reentrant=False), (h, w, y),
-                               "writes to the logits")
-    assert misses
+    assert_left_alone(lambda h, w, y: checkpoint(_pad_mask, h, w, y, use_reentrant=False), (h, w, y),
+                      "writes to the logits")
 
 
 # ---- dtypes --------------------------------------------------------------------------------------
@@ -508,18 +502,153 @@ def test_out_argument_writing_the_logits_is_left_alone(data):
     assert_left_alone(f, (h.detach(), w.detach(), y), "writes to the logits")
 
 
-def test_hook_on_the_logits_is_left_alone(data):
-    """A gradient hook on the logits must see (and may change) the loss's gradient: not rewritten."""
+@pytest.mark.parametrize("observer", ["register_hook", "retain_grad"])
+def test_hook_on_the_logits_is_left_alone(data, observer):
+    """A gradient hook (or retain_grad) on the logits must see, and may change, the loss's gradient: not
+    rewritten, with that reason. The hook is registered after the logits' last step, so it is the hook
+    (recorded by Dynamo as the ``register_hook`` higher-order op) that refuses the rewrite."""
     h, w, b, y = data
+    grads = []
 
     def f(h, w, y):
         z = h @ w.T
-        z.register_hook(lambda g: g * 2.0)
-        return _ce(z, y)
+        z2 = z.reshape(-1, V)
+        if observer == "register_hook":
+            z.register_hook(lambda g: g * 2.0)
+        else:
+            z.retain_grad()
+            grads.append(z)
+        return F.cross_entropy(z2, y.reshape(-1))
     compiled, results = compile_counting(f, fullgraph=False)
     hc, wc = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     compiled(hc, wc, y).backward()
     f(h, w, y).backward()
     assert sum(len(r.rewrites) for r in results) == 0
+    if observer == "register_hook":
+        misses = [m.reason for r in results for m in r.misses]
+        assert any("register_hook() on the logits" in m for m in misses), misses
     torch.testing.assert_close(hc.grad, h.grad)
     torch.testing.assert_close(wc.grad, w.grad)
+
+
+# ---- every node the op stands for: grad modes, z-loss terms, writes the walk does not see ------------
+
+def test_a_step_under_no_grad_is_left_alone(data):
+    """``with torch.no_grad(): z = z * 2`` between the matmul and the loss: eager's loss needs no grad."""
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = h @ w.T
+        with torch.no_grad():
+            z = z * 2.0
+        return _ce(z, y)
+    assert_left_alone(f, (h, w, y), "run under different grad modes")
+    compiled, _ = compile_counting(f, fullgraph=False)
+    assert not compiled(h, w, y).requires_grad
+
+
+def test_a_z_loss_metric_under_no_grad_is_left_alone(data):
+    """A logsumexp the op would serve, computed under no_grad (a logged metric): its term carries no gradient
+    in eager; served from the op's lse it would."""
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = h @ w.T
+        with torch.no_grad():
+            zl = torch.logsumexp(z, -1).square().mean()
+        return _ce(z, y) + 0.1 * zl
+    assert_left_alone(f, (h.detach(), w.detach(), y), "run under different grad modes")
+    check_grads_equal_eager(f, (h, w, y))
+
+
+def check_grads_equal_eager(f, args):
+    compiled, _ = compile_counting(f, fullgraph=False)
+    leaves = [a.detach().clone().requires_grad_() if a.is_floating_point() else a for a in args]
+    compiled(*leaves).backward()
+    eager = [a.detach().clone().requires_grad_() if a.is_floating_point() else a for a in args]
+    f(*eager).backward()
+    for c, e in zip(leaves, eager):
+        if c.is_floating_point():
+            torch.testing.assert_close(c.grad, e.grad)
+
+
+def test_a_write_after_the_z_loss_logsumexp_is_left_alone(data):
+    """What uses a served logsumexp would move to where the loss stands, past a write in between."""
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = h @ w.T
+        s = torch.ones((), dtype=z.dtype)
+        zl = (torch.logsumexp(z, -1) * s).sum()  # reads s = 1
+        s.add_(1.0)                               # unrelated memory, but written after that read
+        return _ce(z, y) + zl
+    assert_left_alone(f, (h.detach(), w.detach(), y), "writes between the z-loss's logsumexp and the loss")
+
+
+def test_a_write_to_the_z_loss_copy_of_the_logits_is_left_alone(data):
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = (h @ w.T).float()
+        zd = z.double()
+        zd[..., 0] = 30.0
+        return _ce(z, y) + torch.logsumexp(zd, -1).float().mean()
+    assert_left_alone(f, (h.detach().float(), w.detach().float(), y), "writes to the logits")
+
+
+def test_a_z_loss_of_bf16_logits_is_left_alone(data):
+    """``logsumexp(z.bfloat16())`` rounds the logits to 16 bits; the op's float32 lse would not."""
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = h @ w.T
+        return _ce(z, y) + torch.logsumexp(z.bfloat16(), -1).float().square().mean()
+    assert_left_alone(f, (h.float() * 8, w.float(), y), "cast to torch.bfloat16")
+
+
+def test_foreach_and_checkpointed_writes_to_the_logits_are_left_alone(data):
+    from torch.utils.checkpoint import checkpoint
+
+    h, w, b, y = data
+
+    def foreach(h, w, y):
+        z = h @ w.T
+        torch._foreach_mul_([z], 3.0)  # a tensor-list argument
+        return _ce(z, y)
+
+    def body(z):
+        z.mul_(3.0)
+        return z.sum()
+
+    def checkpointed(h, w, y):
+        z = h @ w.T
+        checkpoint(body, z, use_reentrant=False)  # a higher-order op whose body writes its input
+        return _ce(z, y)
+    with torch.no_grad():
+        assert_left_alone(foreach, (h.detach(), w.detach(), y), "`_foreach_mul_` writes to the logits")
+        assert_left_alone(checkpointed, (h.detach(), w.detach(), y), "writes to the logits")
+
+
+def test_a_checkpointed_body_that_writes_nothing_does_not_block_the_rewrite(data):
+    from torch.utils.checkpoint import checkpoint
+
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = h @ w.T
+        extra = checkpoint(lambda t: t.tanh().sum(), h, use_reentrant=False)
+        return _ce(z, y) + 0.0 * extra
+    check(f, (h, w, y), 1, fullgraph=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
+def test_targets_eager_rejects_are_left_to_raise(data, dtype):
+    """F.cross_entropy takes int64 (or uint8) class indices: other integer targets raise in eager, and
+    under the pass too (the loss is left alone, not silently computed)."""
+    h, w, b, y = data
+    with pytest.raises(Exception, match="expected target dtype to be Long"):
+        _ce(h @ w.T, y.to(dtype))
+    compiled, results = compile_counting(lambda h, w, y: _ce(h @ w.T, y), fullgraph=False)
+    with pytest.raises(Exception):
+        compiled(h, w, y.clamp(min=0).to(dtype))
+    assert sum(len(r.rewrites) for r in results) == 0

@@ -74,6 +74,9 @@ def _loss_args(node: Node) -> dict:
     tdt = _dtype(t)
     if tdt.is_floating_point or tdt.is_complex or tdt == torch.bool:
         raise Miss(f"probability (soft) targets of dtype {tdt} are not supported")
+    if tdt not in (torch.int64, torch.uint8):
+        raise Miss(f"targets of dtype {tdt}: F.cross_entropy takes int64 (or uint8) class indices and raises "
+                   "for others; left to raise as eager does")
     return a
 
 

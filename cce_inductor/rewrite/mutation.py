@@ -38,6 +38,22 @@ _INPLACE_DUNDERS = frozenset(f"__{f.__name__.strip('_')}__" for f in _INPLACE_OP
 # would no longer include the loss's part once the loss reads hidden/weight instead.
 GRAD_OBSERVERS = frozenset({"register_hook", "retain_grad", "register_post_accumulate_grad_hook",
                             "requires_grad_"})
+
+
+def observed_for_grad(node: Node) -> Optional[Node]:
+    """The tensor whose gradient ``node`` observes or changes (a hook, ``retain_grad``, ...), else None.
+    Dynamo records ``z.register_hook(fn)`` as a method call or as the ``register_hook`` higher-order op."""
+    if not node.args or not isinstance(node.args[0], Node):
+        return None
+    if node.op == "call_method" and node.target in GRAD_OBSERVERS:
+        return node.args[0]
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", None)
+        if isinstance(node.target, torch._ops.HigherOrderOperator):
+            name = node.target.name()
+        if name in GRAD_OBSERVERS:
+            return node.args[0]
+    return None
 # Python-level callables Dynamo leaves in graphs that write nothing (no schema to read); the rewrite adds
 # its own op target here.
 PURE_CALLABLES = {getattr, operator.getitem, len, isinstance, type}
@@ -132,6 +148,49 @@ def _tensor_args(node: Node) -> list:
     return [a for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor)]
 
 
+def _nodes(written: list) -> list:
+    """The nodes in a list of written arguments, lists and tuples flattened (``_foreach_mul_([z], 3)``,
+    ``out=(a, b)``)."""
+    out: list = []
+    for w in written:
+        if isinstance(w, Node):
+            out.append(w)
+        elif isinstance(w, (list, tuple)):
+            out += _nodes(list(w))
+    return out
+
+
+def _body_graphs(node: Node) -> Optional[list]:
+    """The subgraphs a higher-order op runs (``get_attr`` arguments naming GraphModules); None when an
+    argument names one that cannot be found."""
+    root = node.graph.owning_module
+    bodies = []
+    for a in node.all_input_nodes:
+        if a.op != "get_attr":
+            continue
+        body = getattr(root, a.target, None) if root is not None else None
+        if not isinstance(body, torch.fx.GraphModule):
+            return None
+        bodies.append(body.graph)
+    return bodies
+
+
+def _higher_order_writes(node: Node) -> Optional[list]:
+    """``[]`` when every body the op runs provably writes nothing, else None (every tensor argument may be
+    written: Dynamo does put input-mutating bodies into checkpoint regions, and user Triton kernels'
+    wrappers write their arguments)."""
+    bodies = _body_graphs(node)
+    if not bodies:
+        return None
+    for g in bodies:
+        for n in g.nodes:
+            if n.op in ("placeholder", "output", "get_attr"):
+                continue
+            if written_args(n) != []:
+                return None
+    return []
+
+
 def written_args(node: Node) -> Optional[list]:
     """The argument nodes ``node`` writes to; ``[]`` when it writes none; None when unknown."""
     written: list = []
@@ -150,25 +209,26 @@ def written_args(node: Node) -> Optional[list]:
             written += _written_by_schemas(node, schemas)
         elif name.endswith("_") and not name.endswith("__"):  # Tensor's in-place naming rule
             written.append(node.args[0])
-        return [w for w in written if isinstance(w, Node)]
+        return _nodes(written)
     # call_function
     target = node.target
     if target in _INPLACE_OPERATORS:
-        return [node.args[0]] if isinstance(node.args[0], Node) else []
-    if target in PURE_CALLABLES or isinstance(target, torch._ops.HigherOrderOperator):
-        # Dynamo only puts bodies without input mutation into higher-order ops.
-        return [w for w in written if isinstance(w, Node)]
+        return _nodes([node.args[0]])
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return _higher_order_writes(node)
+    if target in PURE_CALLABLES:
+        return _nodes(written)
     if getattr(target, "__module__", None) == "_operator":  # operator.add, operator.neg, ...
-        return [w for w in written if isinstance(w, Node)]
+        return _nodes(written)
     if getattr(target, "__objclass__", None) is torch._C.TensorBase:  # torch.Tensor.add_ called as a function
         name = target.__name__
         schemas = _aten_method_schemas(name)
         if schemas:
-            return [w for w in written + _written_by_schemas(node, schemas) if isinstance(w, Node)]
+            return _nodes(written + _written_by_schemas(node, schemas))
         return [node.args[0]] if name.endswith("_") and not name.endswith("__") and node.args else []
     schemas = _function_schemas(target)
     if schemas is not None:
-        return [w for w in written + _written_by_schemas(node, schemas) if isinstance(w, Node)]
+        return _nodes(written + _written_by_schemas(node, schemas))
     if getattr(target, "__module__", "") == "torch.nn.functional":
         # Python functionals write only with inplace=True (F.relu(x, inplace=True), F.dropout(...)).
         from torch.fx.operator_schemas import normalize_function
@@ -179,9 +239,9 @@ def written_args(node: Node) -> Optional[list]:
         if bound.kwargs.get("inplace") is True:
             first = next(iter(bound.kwargs.values()), None)
             return [first] if isinstance(first, Node) else None
-        return [w for w in written if isinstance(w, Node)]
+        return _nodes(written)
     if getattr(target, "__module__", "") in ("math", "builtins"):
-        return [w for w in written if isinstance(w, Node)]
+        return _nodes(written)
     return None
 
 

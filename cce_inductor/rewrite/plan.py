@@ -6,13 +6,16 @@ graph is touched.
 it is handed, the z-loss terms it serves. It refuses (raises :class:`~.match.Miss` with the reason) when
 the replacement would not compute what eager computes:
 
-* **modes** — the matmul and the loss under different grad modes, or inside a torch.func transform /
-  forward-AD level;
+* **modes** — any node the op stands for (the matmul, each step, a served logsumexp and what feeds it)
+  under another grad mode than the loss, or inside a torch.func transform / forward-AD level;
 * **options** — a zero, non-finite scale or softcap; a bias that is not ``[V]``; ``D == 0``;
 * **dtypes** — operands eager would reject (mixed dtypes with no autocast), a narrowing cast of the logits
-  to 16 bits (the op would skip that rounding); a bias is handed over in the precision eager adds it in;
-* **mutation and aliasing** — anything writing, between the matmul and the loss, to the logits, the
-  hidden states, the weight or the bias, or to any tensor sharing memory with them; hooks on the logits.
+  (or of a z-loss's copy of them) to 16 bits (the op would skip that rounding); a bias is handed over in
+  the precision eager adds it in;
+* **mutation and aliasing** — anything writing, between the matmul and the loss, to the logits (or a
+  z-loss's copy of them), the hidden states, the weight or the bias, or to any tensor sharing memory with
+  them; any write at all between a served logsumexp and the loss; writes after the loss to what the op
+  saves; hooks on the logits.
 
 Emission (``emit``) then only builds what the plan says.
 """
@@ -28,7 +31,7 @@ from torch.fx import Node
 from ..options import LossOptions
 from .fx_util import _dtype, _same_size, _shape, _val, location
 from .match import Match, Miss
-from .mutation import GRAD_OBSERVERS, may_share_memory, storages, writes
+from .mutation import may_share_memory, observed_for_grad, storages, writes
 from .regions import Regions
 from .steps import StepKind
 from .zloss import find_logsumexps
@@ -47,14 +50,6 @@ class Plan:
     path: str = "auto"  # the op's path= argument ("auto" | "fast" | "low_memory")
     expected_path: str = ""  # what that resolves to at the traced sizes ("fast" | "low_memory"), for explain
     path_reason: str = ""
-
-    @property
-    def scale(self) -> float:
-        return self.options.logit_scale
-
-    @property
-    def softcap(self) -> Optional[float]:
-        return self.options.softcap
 
 
 def stat_dtype(compute: torch.dtype) -> torch.dtype:
@@ -93,11 +88,30 @@ def _fold_epilogue(m: Match) -> tuple[float, Optional[float], Optional[Node]]:
     return scale, softcap, bias
 
 
-def _check_modes(m: Match, regions: Regions) -> None:
-    if regions.grad.get(m.loss) != regions.grad.get(m.mm.node):
-        raise Miss("the matmul and the loss run under different grad modes (torch.no_grad())")
-    if regions.transforms.get(m.loss, 0) or regions.transforms.get(m.mm.node, 0):
-        raise Miss("inside a torch.func transform (grad/vmap/jvp) or a forward-mode AD level: left to eager autograd")
+def _lse_feeder(u: Node) -> Optional[Node]:
+    """The tensor a served ``logsumexp`` reads (a chain node, or a cast / reshape of one)."""
+    return u.args[0] if u.args else u.kwargs.get("input")
+
+
+def _replaced_nodes(m: Match, lse_users: list) -> list:
+    """Every node whose value the op's outputs stand for: the matmul, each step (and its extra nodes),
+    each served logsumexp and what feeds it."""
+    nodes = [m.mm.node] + [st.node for st in m.steps] + [x for st in m.steps for x in st.extra]
+    for u, *_ in lse_users:
+        nodes += [u] + [f for f in (_lse_feeder(u),) if isinstance(f, Node)]
+    return nodes + [m.loss]
+
+
+def _check_modes(m: Match, regions: Regions, lse_users: list) -> None:
+    """The op computes every replaced value under the loss's grad mode: a ``no_grad`` block around any of
+    them (a step, a z-loss metric) makes eager's value carry no gradient where the op's would."""
+    for n in _replaced_nodes(m, lse_users):
+        if regions.grad.get(n) != regions.grad.get(m.loss):
+            what = "the matmul" if n is m.mm.node else f"`{n.name}` ({location(n)})"
+            raise Miss(f"{what} and the loss run under different grad modes (torch.no_grad() / enable_grad())")
+        if regions.transforms.get(n, 0):
+            raise Miss("inside a torch.func transform (grad/vmap/jvp) or a forward-mode AD level: left to eager "
+                       "autograd")
 
 
 def _check_shapes(m: Match, bias: Optional[Node]) -> None:
@@ -112,7 +126,8 @@ def _check_shapes(m: Match, bias: Optional[Node]) -> None:
                        "(a broadcast bias is left alone)")
 
 
-def _plan_dtypes(m: Match, regions: Regions, bias: Optional[Node]) -> tuple[torch.dtype, Optional[torch.dtype]]:
+def _plan_dtypes(m: Match, regions: Regions, bias: Optional[Node],
+                 lse_users: list) -> tuple[torch.dtype, Optional[torch.dtype]]:
     """(compute dtype, bias dtype): hidden/weight are handed over in the matmul's own output dtype, as
     eager (with autocast, if any) computes it; a bias added after the matmul keeps its own precision."""
     mm = m.mm
@@ -137,6 +152,12 @@ def _plan_dtypes(m: Match, regions: Regions, bias: Optional[Node]) -> tuple[torc
         to = st.value if st.kind is StepKind.NORMALIZE else _dtype(st.node) if st.kind is StepKind.CAST else None
         if isinstance(to, torch.dtype) and not widens(_dtype(st.src), to) and _more_precise(torch.float32, to):
             raise Miss(f"a narrowing cast of the logits ({_dtype(st.src)} -> {to}) rounds them; the op would not")
+    for u, *_ in lse_users:
+        f = _lse_feeder(u)
+        src = f.args[0] if isinstance(f, Node) and f.op == "call_method" and f.args else None
+        to, frm = _dtype(f), _dtype(src) if isinstance(src, Node) else None
+        if frm is not None and to != frm and not widens(frm, to) and _more_precise(torch.float32, to):
+            raise Miss(f"the z-loss's logsumexp reads the logits cast to {to}: the op's lse skips that rounding")
     bias_dtype = None
     if bias is not None:
         if not (_dtype(bias) or torch.int64).is_floating_point:
@@ -160,21 +181,25 @@ def _check_mutation(m: Match, bias: Optional[Node], lse_users: list, pos: dict) 
     reads = {"hidden states": mm.hidden, "weight": mm.weight if mm.weight is not None else mm.weight_t}
     if bias is not None:
         reads["bias"] = bias
-    if mm.bias is not None:
-        reads["bias"] = mm.bias
     # (storages, what) of each tensor the op saves for its backward, and of each the window must not touch.
     saved = [(storages(node), what) for what, node in list(reads.items()) + [("targets", m.target)]]
     protected = [(keys, what) for keys, what in saved if what != "targets"]
-    chain = [mm.node] + [st.node for st in m.steps] + [x for st in m.steps for x in st.extra]
+    chain = [n for n in _replaced_nodes(m, lse_users) if n is not m.loss]
     logits = [(storages(n), "logits") for n in chain]
     protected += logits
     start = pos[mm.node]
     end = max([pos[m.loss]] + [pos[u[0]] for u in lse_users])
+    # The op stands where the loss stands; what uses a served logsumexp before that moves after it, past
+    # anything in between, so nothing in between may write at all.
+    first_lse = min([pos[u[0]] for u in lse_users], default=end)
     chain = set(chain)
     for n in m.loss.graph.nodes:
         p = pos[n]
         if p <= start or n in chain:
             continue
+        if first_lse < p < pos[m.loss] and writes(n):
+            raise Miss(f"{_what_writes(n)} writes between the z-loss's logsumexp and the loss, at {location(n)}: "
+                       "the op's lse is ready only where the loss stands")
         for w in writes(n):
             keys = storages(w)
             if p < end:
@@ -189,9 +214,10 @@ def _check_mutation(m: Match, bias: Optional[Node], lse_users: list, pos: dict) 
                                "the op saves them for its backward")
     # Hooks / retain_grad on the logits would miss the loss's part of their gradient.
     for n in m.loss.graph.nodes:
-        if (n.op == "call_method" and n.target in GRAD_OBSERVERS and n.args
-                and _first_sharing(storages(n.args[0]), logits) is not None):
-            raise Miss(f"{n.target}() on the logits at {location(n)}: their gradient would not include the loss's")
+        seen = observed_for_grad(n)
+        if seen is not None and _first_sharing(storages(seen), logits) is not None:
+            raise Miss(f"{_callee_name(n)}() on the logits at {location(n)}: their gradient would not include "
+                       "the loss's")
 
 
 def _first_sharing(keys, named: list) -> Optional[str]:
@@ -202,10 +228,18 @@ def _first_sharing(keys, named: list) -> Optional[str]:
     return None
 
 
+def _callee_name(n: Node) -> str:
+    if n.op == "call_method":
+        return n.target
+    if isinstance(n.target, torch._ops.HigherOrderOperator):
+        return n.target.name()
+    return getattr(n.target, "__name__", str(n.target))
+
+
 def _what_writes(n: Node) -> str:
     if n.op == "call_method":
         return f"`.{n.target}()`"
-    name = getattr(n.target, "__name__", str(n.target))
+    name = _callee_name(n)
     return "`setitem` (z[...] = ...)" if name == "setitem" else f"`{name}`"
 
 
@@ -217,8 +251,9 @@ def _plan_path(m: Match, regions: Regions, compute: torch.dtype, lse_users: list
     from .. import config
     from ..paths import choose_path
 
-    grad_mode = regions.grad.get(m.loss)
-    grad_on = torch.is_grad_enabled() if grad_mode is None else grad_mode
+    if recomputed:
+        return "low_memory", "low_memory", "inside an activation-checkpointed region (recomputed in the backward)"
+    grad_on = regions.grad.get(m.loss, torch.is_grad_enabled())
     mm = m.mm
     inputs = [mm.hidden, mm.weight if mm.weight is not None else mm.weight_t, mm.bias]
     needs_grad = grad_on and any(isinstance(_val(n), torch.Tensor) and _val(n).requires_grad
@@ -226,16 +261,15 @@ def _plan_path(m: Match, regions: Regions, compute: torch.dtype, lse_users: list
     n_tokens = 1
     for s_ in _shape(m.target) or ():
         n_tokens = n_tokens * s_
-    if recomputed:
-        return "low_memory", "low_memory", "inside an activation-checkpointed region (recomputed in the backward)"
     choice = choose_path(n_tokens, m.D, m.V, compute, _val(mm.hidden).device, m.reduction, bool(lse_users),
                          needs_grad, config.path)
     return config.path, choice.path, choice.reason
 
 
-def plan_rewrite(m: Match, regions: Regions, pos: Optional[dict] = None, recomputed: bool = False) -> Plan:
+def plan_rewrite(m: Match, regions: Regions, recomputed: bool = False) -> Plan:
     """Decide the whole replacement for a match, or raise Miss with the reason."""
-    _check_modes(m, regions)
+    lse_users = find_logsumexps(m)
+    _check_modes(m, regions, lse_users)
     scale, softcap, bias = _fold_epilogue(m)
     _check_shapes(m, bias)
     try:
@@ -243,9 +277,8 @@ def plan_rewrite(m: Match, regions: Regions, pos: Optional[dict] = None, recompu
                               logit_scale=scale)
     except ValueError as e:
         raise Miss(f"options the op refuses: {e}") from e
-    compute, bias_dtype = _plan_dtypes(m, regions, bias)
-    lse_users = find_logsumexps(m)
-    _check_mutation(m, bias, lse_users, pos if pos is not None else _node_positions(m.loss.graph))
+    compute, bias_dtype = _plan_dtypes(m, regions, bias, lse_users)
+    _check_mutation(m, bias, lse_users, _node_positions(m.loss.graph))
     path, expected, reason = _plan_path(m, regions, compute, lse_users, recomputed)
     return Plan(m, compute, bias, bias_dtype, options, lse_users, path, expected, reason)
 
