@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import functools
 import os
 import threading
@@ -31,12 +32,21 @@ def _source_files() -> tuple:
     return tuple(sorted(out))
 
 
-def pass_uuid() -> str:
-    """A hash of our source files and the torch version (Inductor's own helper for custom passes): it
-    changes whenever the rewrite could change."""
-    from torch._inductor.custom_graph_pass import get_hash_for_files
+@functools.lru_cache(maxsize=1)
+def _sources_digest() -> str:
+    """sha256 over (path relative to the package, contents) of every source file; read once per process."""
+    digest = hashlib.sha256()
+    for path in _source_files():
+        digest.update(os.path.relpath(path, _PACKAGE_DIR).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(f.read() + b"\0")
+    return digest.hexdigest()
 
-    return get_hash_for_files(_source_files(), extra=f"cce_inductor/{torch.__version__}").hex()
+
+def pass_uuid() -> str:
+    """A hash of our source files (names and contents) and the torch version: it changes whenever the
+    rewrite could change."""
+    return hashlib.sha256(f"{_sources_digest()}/{torch.__version__}".encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ fast_path_tokens_per_chunk: Optional[int] = None
 
 # Rounding remainder of the 16-bit d_weight accumulator of the fast path across token chunks:
 # "int8" (1 byte per weight element, 1/128-ulp steps), "int4" (half a byte, 1/8-ulp steps) or "auto"
-# (int8 when it costs no extra chunk, else int4).
+# (int8 when it costs no extra chunk, else int4; with an explicit ``fast_path_tokens_per_chunk``, int8 when
+# the workspace stays within the budget, else int4).
 fast_path_remainder: str = "auto"
 
 # How the fast path adds each token chunk's d_weight into its 16-bit accumulator (hi + remainder):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import chunked_torch, fast_torch
-from .logging_ import log
+from .logging_ import warn_once
 from .options import LossOptions
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -71,12 +71,15 @@ def run_fast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
     V = weight.shape[0]
     triton = _use_triton(hidden)
     if not triton:
+        from . import config
+
         if path == "auto" and plan_fast(N, D, V, hidden.dtype) is None:
             out = _low_memory_in_forward(hidden, weight, bias, targets, opts, reduction, need_d_hidden,
                                          need_d_weight, triton=False)
-        else:
+        else:  # PyTorch picks cache-sized token chunks itself unless the knob asks for a size
             out = fast_torch.forward(hidden, weight, bias, targets, opts, reduction, need_d_hidden=need_d_hidden,
-                                     need_d_weight=need_d_weight, need_d_bias=need_d_bias)
+                                     need_d_weight=need_d_weight, need_d_bias=need_d_bias,
+                                     tokens_per_chunk=config.fast_path_tokens_per_chunk)
     else:
         plan = plan_fast(N, D, V, hidden.dtype, force=path == "fast")
         try:
@@ -93,12 +96,15 @@ def run_fast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
         except Exception as ex:  # noqa: BLE001 - e.g. triton OutOfResources on an unknown device
             if not _is_out_of_resources(ex):
                 raise
-            log.warning("cce_inductor: the fast path's Triton kernels do not fit this device (%s); "
-                        "using the PyTorch fast path", ex)
-            out = fast_torch.forward(hidden, weight, bias, targets, opts, reduction,
-                                     need_d_hidden=need_d_hidden, need_d_weight=need_d_weight,
-                                     need_d_bias=need_d_bias,
-                                     tokens_per_chunk=plan.tokens_per_chunk if plan is not None else None)
+            warn_once("cce_inductor: the fast path's Triton kernels do not fit this device (%s); using its "
+                      "PyTorch implementation", ex)
+            if plan is None:  # the budget asked for the low-memory scheme: its PyTorch form
+                out = _low_memory_in_forward(hidden, weight, bias, targets, opts, reduction, need_d_hidden,
+                                             need_d_weight, triton=False)
+            else:
+                out = fast_torch.forward(hidden, weight, bias, targets, opts, reduction,
+                                         need_d_hidden=need_d_hidden, need_d_weight=need_d_weight,
+                                         need_d_bias=need_d_bias, tokens_per_chunk=plan.tokens_per_chunk)
     loss, d_hidden, d_weight, d_bias = out
     stat = chunked_torch.stat_dtype(hidden)
     if d_bias is not None:

@@ -27,3 +27,14 @@ def _register_with_torch_logs() -> None:
 
 
 _register_with_torch_logs()
+
+_warned: set = set()
+
+
+def warn_once(msg: str, *args) -> None:
+    """``log.warning(msg, *args)`` the first time this message (its format string) comes up in the process:
+    a fallback that applies to every call is said once, not per step."""
+    if msg in _warned:
+        return
+    _warned.add(msg)
+    log.warning(msg, *args)

@@ -76,9 +76,9 @@ def _or_pytorch(impl, fallback, *args, **kwargs):
 
         if not _is_out_of_resources(ex):
             raise
-        from .logging_ import log
+        from .logging_ import warn_once
 
-        log.warning("cce_inductor: the Triton kernels do not fit this device (%s); using the PyTorch path", ex)
+        warn_once("cce_inductor: the Triton kernels do not fit this device (%s); using the PyTorch path", ex)
         return fallback(*args, **kwargs)
 
 

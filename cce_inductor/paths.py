@@ -128,8 +128,8 @@ def plan_fast(N, D, V, dtype: torch.dtype, *, memory_fraction: Optional[float] =
     if tokens is not None:
         nc, n = _tokens_for(N, max(1, int(tokens)))
         rem = rem_for(n, rem_pref)
-        if rem_pref == "auto" and rem != "none":
-            rem = "int4"
+        if rem_pref == "auto" and rem != "none" and nc * V * e + remainder_bytes(V, D, "int8") > budget:
+            rem = "int4"  # the chunk is fixed: int8 unless only int4 keeps the workspace within the budget
         return FastPlan(nc, n, rem, nc * V * e + remainder_bytes(V, D, rem), budget)
     if N == 0:
         return FastPlan(0, 0, "none", 0, budget)

@@ -60,12 +60,12 @@ def check_order(steps_matmul_to_loss: list, matmul_has_bias: bool) -> Optional[s
     if matmul_has_bias:
         counts[StepKind.BIAS] = 1
     for st in steps_matmul_to_loss:
-        if st.kind not in STAGE:
-            continue
         if st.kind in counts:
             counts[st.kind] += 1
             if counts[st.kind] > 1:
                 return f"two {st.kind.value} steps"
+        if st.kind not in STAGE:
+            continue
         stage = STAGE[st.kind]
         if stage < max_stage:
             return _OUT_OF_ORDER.get((st.kind, max_kind), f"{st.kind.value} after {max_kind.value}")
