@@ -5,7 +5,6 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import fast_path as _fast_path  # noqa: F401  (registers torch.ops.cce.fast_linear_cross_entropy)

@@ -36,12 +36,21 @@ def use_triton_on_cpu(enabled: bool = True):
         _triton_on_cpu = previous
 
 
-def _implementation(hidden: Tensor, for_backward: bool = True):
-    if hidden.dtype in _TRITON_DTYPES and (hidden.is_cuda or _triton_on_cpu):
+def _uses_triton(hidden: Tensor) -> bool:
+    return hidden.dtype in _TRITON_DTYPES and (hidden.is_cuda or _triton_on_cpu)
+
+
+def _forward_impl(hidden: Tensor, for_backward: bool = True):
+    """The per-token forward for these inputs: a Triton kernel, or the chunked PyTorch one."""
+    return _triton_forward(hidden, for_backward) if _uses_triton(hidden) else chunked_torch.forward
+
+
+def _backward_impl(hidden: Tensor):
+    if _uses_triton(hidden):
         from . import kernels  # imported lazily: triton is not needed for the CPU path
 
-        return _triton_forward(hidden, for_backward), kernels.triton_backward
-    return chunked_torch.forward, chunked_torch.backward
+        return kernels.triton_backward
+    return chunked_torch.backward
 
 
 def _triton_forward(hidden: Tensor, for_backward: bool = True):
@@ -99,7 +108,7 @@ def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, bias: Optional[
                                  logit_scale: float, for_backward: bool = True) -> tuple[Tensor, Tensor]:
     """Per-token (loss, lse) [N], float32 (float64 for float64 inputs); loss is 0 on ignored tokens.
     ``for_backward=False``: no gradient will be computed from this call (picks the no-grad forward kernel)."""
-    fwd, _ = _implementation(hidden, for_backward)
+    fwd = _forward_impl(hidden, for_backward)
     opts = _options(ignore_index, label_smoothing, softcap, logit_scale)
     with _autocast_off(hidden):
         return _or_pytorch(fwd, chunked_torch.forward, hidden, weight, bias, targets, opts)
@@ -118,7 +127,7 @@ def linear_cross_entropy_backward(grad_loss: Optional[Tensor], grad_lse: Optiona
                                   logit_scale: float, need_d_weight: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """(d_hidden, d_weight, d_bias); d_bias is an empty tensor when there is no bias, d_weight an empty
     tensor when ``need_d_weight`` is False (a frozen lm-head: its matmul is skipped)."""
-    _, bwd = _implementation(hidden)
+    bwd = _backward_impl(hidden)
     opts = _options(ignore_index, label_smoothing, softcap, logit_scale)
     stat = chunked_torch.stat_dtype(hidden)
     if grad_loss is None:  # only the lse was used (a z-loss alone): the loss term contributes nothing

@@ -8,8 +8,11 @@ Two paths share the one public function ``linear_cross_entropy``:
   d_weight += d(logits)^T @ hidden (accumulated exactly across chunks). Workspace: the logits chunk
   (``tokens_per_chunk * V`` elements of the input dtype) + the d_weight rounding remainder (V*D bytes as
   int8 or V*D/2 as int4; none for fp32 or a single chunk).
-* **low_memory**: everything else, and the fast path's fallback when its workspace does not fit: four
-  matmuls (the backward recomputes the logits per vocabulary chunk), memory ~1.1x the two gradients.
+* **low_memory**: everything else: four matmuls (the backward recomputes the logits per vocabulary
+  chunk), memory ~1.1x the two gradients. It is also the fast op's fallback when the fast workspace does
+  not fit (``path="auto"``): the same forward + vocabulary-chunked backward then run inside the fast op's
+  forward (``fast_path._low_memory_in_forward``), so its outputs do not depend on the decision; the
+  gradients are held from the forward to the backward as the fast path's are.
 
 ``choose_path`` is a pure function of sizes and flags, so the graph rewrite can call it at rewrite time
 (with the sizes' hints) and ``explain`` can report the decision; the op makes the same decision again

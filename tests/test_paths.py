@@ -160,7 +160,8 @@ def test_kernels_that_do_not_fit_fall_back_to_pytorch_with_a_log_line(monkeypatc
 
     monkeypatch.setattr(logging_, "_warned", set())  # each fallback is logged once per process
     monkeypatch.setattr(fast_kernels, "triton_fast_forward", no_fit)
-    monkeypatch.setattr(op_module, "_implementation", lambda h, for_backward=True: (no_fit, no_fit))
+    monkeypatch.setattr(op_module, "_forward_impl", lambda h, for_backward=True: no_fit)
+    monkeypatch.setattr(op_module, "_backward_impl", lambda h: no_fit)
     monkeypatch.setattr(fast_path, "_use_triton", lambda h: True)
     h, w, b, t = make_inputs((14,), 8, 21, torch.float32, bias=True)
     with caplog.at_level(logging.WARNING, logger="cce_inductor"):

@@ -20,7 +20,6 @@ from helpers import (  # noqa: F401  (_reset_dynamo is an autouse fixture)
     compile_counting,
     counting_installed_pass,
     float64_reference,
-    loss_and_grads,
     make_inputs,
     n_rewrites,
     rel_err,

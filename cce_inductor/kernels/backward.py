@@ -26,6 +26,9 @@ from .common import logits_tile, to_rne
 from .config import KernelConfig, cdiv, chunk_width, pick_config
 from .launch import check_inputs, dot_precision
 
+# cce_inductor.config.low_memory_dhidden: how d_hidden is accumulated over vocabulary chunks (see config.py).
+LOW_MEMORY_DHIDDEN = ("triton", "cublas_fold", "cublas_fp32")
+
 
 @triton.heuristics({
     "HAS_BIAS": lambda a: a["b_ptr"] is not None,
@@ -112,6 +115,11 @@ def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, con
         return (d_hidden, None if d_weight is None else d_weight.zero_(),
                 d_bias32.zero_().to(bias.dtype) if bias is not None else None)
     cfg = config if config is not None else pick_config(N, D, V, dtype, dev)
+    from .. import config as cce_config
+
+    if cce_config.low_memory_dhidden not in LOW_MEMORY_DHIDDEN:
+        raise ValueError(f"config.low_memory_dhidden must be one of {LOW_MEMORY_DHIDDEN}, got "
+                         f"{cce_config.low_memory_dhidden!r}")
     targets = targets.contiguous()
     lse = lse.contiguous()
     grad_loss = grad_loss.to(torch.float32).contiguous()
@@ -131,16 +139,12 @@ def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, con
     # fp32 [N, D] buffer (N*D*4 bytes instead of the remainder's N*D), rounded once at the end.
     acc32 = None
     if lo_mode != "none" and dev.type == "cuda":
-        from .. import config as cce_config
-
         if cce_config.low_memory_dhidden == "cublas_fp32":
             acc32 = torch.empty((N, D), device=dev, dtype=torch.float32)
             lo_mode = "none"
     d_hidden_lo = new_remainder(N, D, lo_mode, dtype, dev) if lo_mode != "none" else None
     p_buf = None  # config.low_memory_dhidden == "cublas_fold": cuBLAS float32 products folded into hi + lo
     if lo_mode != "none":
-        from .. import config as cce_config
-
         if cce_config.low_memory_dhidden == "cublas_fold":
             p_buf = torch.empty((min(N, fold_slab_rows(D, cce_config.fold_slab_bytes)), D), device=dev,
                                 dtype=torch.float32)

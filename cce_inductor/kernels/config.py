@@ -63,7 +63,8 @@ class KernelConfig:
     draw_vocab_fastest: bool = True
     dhidden_d_fastest: bool = False
     # Format of the d_hidden rounding remainder for 16-bit inputs: "int8" (1 byte/element, in units of
-    # 1/128 ulp of hi) or "float" (hi's dtype, 2 bytes/element). The byte saved goes to the draw buffer.
+    # 1/128 ulp of hi), "int4" (half a byte, 1/8 ulp), "float" (hi's dtype, 2 bytes/element) or "none" (no
+    # remainder: lossy, for tests that show what the remainder buys). The bytes saved go to the draw buffer.
     dhidden_remainder: str = "int8"
     # Fast path (kernels/fast.py): d_weight += d(logits)^T @ hidden per token chunk (block_m = vocabulary
     # rows, block_n = hidden dim, block_k = tokens); None: the dhidden tile.
@@ -102,17 +103,6 @@ GPU_CONFIG = KernelConfig(
     forward=Tile(128, 256, 64, num_warps=8, num_stages=3),
     draw=Tile(128, 256, 64, num_warps=8, num_stages=3),
     dhidden=Tile(128, 256, 64, num_warps=8, num_stages=3),
-    merge_block=256,
-    min_chunk_cols=2048,
-    row_block=2048,
-    row_warps=8,
-)
-
-# fp32 operands take twice the shared memory per stage: halve the tile.
-GPU_CONFIG_FP32 = KernelConfig(
-    forward=Tile(128, 128, 32, num_warps=8, num_stages=3),
-    draw=Tile(128, 128, 32, num_warps=8, num_stages=3),
-    dhidden=Tile(128, 128, 32, num_warps=8, num_stages=3),
     merge_block=256,
     min_chunk_cols=2048,
     row_block=2048,

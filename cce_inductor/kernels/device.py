@@ -33,7 +33,8 @@ class DeviceLimits:
 
 
 # Known devices (CUDA programming guide's per-block opt-in shared memory by compute capability; SM counts
-# of the common SKUs). Used for CPU tests of the selection and when the driver does not report the opt-in.
+# of the common SKUs, kept for reference): the table the CPU tests check the selection against. When the
+# driver does not report the opt-in, SMEM_BY_CAPABILITY is used.
 KNOWN_DEVICES = {
     "V100": DeviceLimits((7, 0), 96 * KiB, 80),
     "T4": DeviceLimits((7, 5), 64 * KiB, 40),

@@ -9,8 +9,10 @@ Per chunk of Nc tokens (``X_c = hidden[s:e]``):
      1 for "sum", 0 for an ignored row, NaN for an out-of-range target). Scaling before the rounding is
      what eager does.
   3. ``d_hidden[s:e] = G @ W`` by cuBLAS, written once.
-  4. ``d_weight += G^T @ X_c``: one pass of ``accumulate_matmul`` (16-bit hi + int8/int4 remainder, so the
-     fp32 sum is kept across chunks), cuBLAS addmm for fp32, a plain cuBLAS matmul for a single chunk.
+  4. ``d_weight += G^T @ X_c`` into a 16-bit hi + int8/int4 remainder (so the fp32 sum is kept across
+     chunks), by ``config.fast_path_weight_accumulate``: cuBLAS float32 products of a vocabulary slab
+     folded into hi/lo (``accumulate_matmul_cublas``, the CUDA default) or one Triton matmul with the fold
+     in its epilogue (``accumulate_matmul``); cuBLAS addmm for fp32, a plain cuBLAS matmul for one chunk.
   5. ``d_bias += G.sum(0)`` in fp32.
 The count of non-ignored targets is computed on the device before the loop: no host synchronisation.
 
@@ -255,7 +257,7 @@ def weight_accumulate_scheme(device) -> str:
 
 
 def triton_chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                           targets: torch.Tensor, opts: LossOptions, *, chunk_bytes: int = 256 << 20,
+                           targets: torch.Tensor, opts: LossOptions, *, chunk_bytes: int = 512 << 20,
                            tokens_per_chunk: Optional[int] = None, config: Optional[KernelConfig] = None):
     """(loss [N] fp32, lse [N] fp32) like ``triton_forward``, computed as cuBLAS logits per token chunk
     (``chunk_bytes`` of them, or ``tokens_per_chunk``) + the row kernel. For the forward without grad."""

@@ -7,7 +7,7 @@ Dynamo records context managers entered inside the compiled function as plain ca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch.fx import Graph, Node
