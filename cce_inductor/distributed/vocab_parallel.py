@@ -29,7 +29,7 @@ loss and lse, and the same d_hidden; d_weight / d_bias are the local rows' gradi
 The two custom ops (``torch.ops.cce.vocab_parallel_forward`` / ``..._backward``) take the process
 group by name (``ProcessGroup.group_name``) and resolve it with c10d's resolver when they run, so they
 are opaque single nodes to torch.compile (Dynamo, AOTAutograd, Inductor) and trace with no graph break.
-The arithmetic is chunked PyTorch (float32, float64 for float64 inputs), on any device.
+It is chunked PyTorch (no Triton kernel), on any device.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..chunked_torch import through_epilogue_
+from ..chunked_torch import _target_status, through_epilogue_
 from ..options import LossOptions
 
 # Elements of one float32 logits chunk (token rows × V_local). On the CPU small chunks stay in cache;
@@ -100,9 +100,11 @@ def _matmul_dtype(hidden: Tensor) -> torch.dtype:
     return _stat_dtype(hidden)
 
 
-def _local_logits(h: Tensor, w: Tensor, b: Optional[Tensor], opts: LossOptions, cd: torch.dtype):
+def _local_logits(h: Tensor, w: Tensor, b: Optional[Tensor], opts: LossOptions, cd: torch.dtype,
+                  keep_tanh: bool = True):
     """z = softcap(scale * (h @ w.T + b)) for one token chunk, in ``cd``; also tanh(.) for the softcap
-    derivative. ``h``/``w`` are in the matmul dtype, ``b`` in ``cd``."""
+    derivative when ``keep_tanh`` (else None: the forward reuses that buffer for z). ``h``/``w`` are in
+    the matmul dtype, ``b`` in ``cd``."""
     if h.dtype == cd:
         z = h @ w.T if b is None else torch.addmm(b, h, w.T)
     else:
@@ -114,15 +116,16 @@ def _local_logits(h: Tensor, w: Tensor, b: Optional[Tensor], opts: LossOptions, 
     if opts.softcap is None:
         return z, None
     th = z.div_(opts.softcap).tanh_()
+    if not keep_tanh:
+        return th.mul_(opts.softcap), None
     return th * opts.softcap, th
 
 
 def _target_masks(t: Tensor, vocab_size: int, ignore_index: int):
-    """(valid, out_of_range): valid rows have a target in [0, V); out-of-range rows are neither valid nor
-    ignored (their loss is NaN, as in the single-process op)."""
-    ignored = t == ignore_index
-    in_range = (t >= 0) & (t < vocab_size)
-    return in_range & ~ignored, ~in_range & ~ignored
+    """(valid, out_of_range) over the global vocabulary: out-of-range rows are neither valid nor ignored
+    (their loss is NaN, as in the single-process op)."""
+    valid, bad, _ = _target_status(t, vocab_size, ignore_index)
+    return valid, bad
 
 
 def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, vocab_start: int,
@@ -140,7 +143,7 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
         step = _rows_per_chunk(n, v_local, hidden.device)
         for s in range(0, n, step):
             e = min(n, s + step)
-            z, _ = _local_logits(hidden[s:e].to(md), w, b, opts, cd)
+            z, _ = _local_logits(hidden[s:e].to(md), w, b, opts, cd, keep_tanh=False)
             local_t = targets[s:e] - start
             owned = (local_t >= 0) & (local_t < v_local)
             target_z = z.gather(1, local_t.clamp(0, v_local - 1)[:, None]).squeeze(1)
