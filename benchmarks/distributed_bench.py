@@ -31,6 +31,7 @@ marked so) when the ``--budget-s`` wall-clock budget would be exceeded.
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import math
@@ -62,6 +63,8 @@ def parse_args():
     p.add_argument("--runs", default="reference,tp-loss,tp,fsdp2,ddp",
                    help="comma-separated subset of: reference, tp-loss, tp, fsdp2, ddp, single")
     p.add_argument("--budget-s", type=float, default=330.0, help="skip runs that would end after this")
+    p.add_argument("--collective-timeout-s", type=float, default=240.0,
+                   help="process-group timeout: a rank left waiting by another's failure gives up after this")
     return p.parse_args()
 
 
@@ -366,7 +369,9 @@ def main():
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", 1))))
-    dist.init_process_group(backend)
+    # A rank that fails inside a mode while the other waits in a collective would block it until the
+    # process group's timeout: keep that short, so a failure ends the run instead of the device budget.
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.collective_timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.tokens % (args.seq * world):
         raise SystemExit(f"--tokens {args.tokens} must be a multiple of --seq x world = {args.seq * world}")
