@@ -618,6 +618,12 @@ def _versions():
                                     cwd=ROOT, timeout=10).stdout.strip()
     except Exception:  # noqa: BLE001
         pass
+    try:  # the git metadata of a copied tree can be stale: also record what the sources themselves hash to
+        from cce_inductor.backend import pass_uuid
+
+        out["cce_inductor_sources"] = pass_uuid()[:16]
+    except Exception:  # noqa: BLE001
+        pass
     return out
 
 
