@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -111,7 +111,7 @@ def explain(fn: Callable, *args: Any, **kwargs: Any) -> ExplainReport:
         return gm.forward
 
     torch._dynamo.reset()
-    before = set(_graph_break_messages())  # the counters are process-wide: report only this run's
+    before = _graph_break_counts()  # the counters are process-wide: report what this run added
     try:
         compiled = torch.compile(fn, backend=make_backend(run_graph, on_result=record))
         compiled(*args, **kwargs)
@@ -124,19 +124,20 @@ def explain(fn: Callable, *args: Any, **kwargs: Any) -> ExplainReport:
 _SKIPPED = re.compile(r"frame skipped: (\S+) \((.+?) line (\d+)\)")
 
 
-def _graph_break_messages():
+def _graph_break_counts() -> dict:
     from torch._dynamo.utils import counters
 
-    return list(counters.get("unimplemented", {}))
+    return dict(counters.get("unimplemented", {}))
 
 
-def _skipped_frames(already_seen: set = frozenset()) -> list:
+def _skipped_frames(before: Optional[dict] = None) -> list:
     """Frames Dynamo gave up on and ran eagerly (a graph break inside a loop, ...): a loss there is never
-    compiled, so neither rewritten nor reported as a miss. Read from Dynamo's graph-break counters (the
-    messages in ``already_seen`` were there before this run)."""
+    compiled, so neither rewritten nor reported as a miss. Read from Dynamo's graph-break counters: the
+    messages whose count grew since ``before`` (a frame skipped again in this run counts again)."""
+    before = before or {}
     notes = []
-    for msg in _graph_break_messages():
-        if msg in already_seen:
+    for msg, count in _graph_break_counts().items():
+        if count <= before.get(msg, 0):
             continue
         for name, path, line in _SKIPPED.findall(msg):
             why = "a graph break inside a for/while loop" if "graph break in loop" in msg else "a graph break"
