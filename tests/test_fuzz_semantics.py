@@ -5,7 +5,8 @@ A program is: hidden/weight/bias → [hazard A] → matmul → [hazard B] → ep
 [z-loss] → [hazard C] → cast → loss, where a hazard is an in-place write (to the logits, a view of them,
 through ``_foreach_mul_`` or inside a checkpointed body, to the hidden states, the weight, the bias, the
 targets, an unrelated tensor), a hook on the logits, a step under ``no_grad``, or nothing; the z-loss
-is a ``logsumexp`` of the logits (plain, under ``no_grad``, or of a bf16 copy), added to the loss. The
+is a ``logsumexp`` of the logits (plain, under ``no_grad``, of a bf16 copy, or with a ``no_grad`` user),
+added to the loss. The
 property, checked for each example: compiling never fails; if the loss was rewritten, the loss, whether
 it requires grad, and every gradient equal eager's; if it was not, the pass reported a miss with a reason.
 """
@@ -29,7 +30,7 @@ WRITES = ["none", "logits_setitem", "logits_mul_", "logits_view_setitem", "logit
           "hidden_add_", "hidden_base_mul_", "weight_mul_", "bias_zero_", "targets_setitem", "unrelated_add_"]
 # Hazards that eager autograd itself cannot differentiate through: those programs run without grad.
 NO_GRAD_WRITES = ("hidden", "weight", "bias", "logits_checkpoint_mul_")
-ZLOSS = [None, "plain", "no_grad", "bf16"]
+ZLOSS = [None, "plain", "no_grad", "bf16", "no_grad_user"]
 CASTS = ["none", "float", "double", "bfloat16", "half"]
 
 
@@ -139,7 +140,11 @@ def build(p):
             if p["zloss"] is not None:  # read before hazard C (a write there lies between it and the loss)
                 src = z.bfloat16() if p["zloss"] == "bf16" else z
                 with torch.set_grad_enabled(p["zloss"] != "no_grad" and torch.is_grad_enabled()):
-                    zl = (torch.logsumexp(src, -1).float().square() * (1.0 + scratch[0])).mean()
+                    lse = torch.logsumexp(src, -1)
+                    zl = (lse.float().square() * (1.0 + scratch[0])).mean()
+                if p["zloss"] == "no_grad_user":  # a user of the logsumexp that carries no gradient
+                    with torch.no_grad():
+                        zl = zl * lse.float().mean()
             z = _write(p, "after_epilogue", z, hh, ww, bb, yy, extra)
             if p["cast"] != "none":
                 z = getattr(z, p["cast"])()

@@ -651,3 +651,52 @@ def test_targets_eager_rejects_are_left_to_raise(data, dtype):
     with pytest.raises(Exception):
         compiled(h, w, y.clamp(min=0).to(dtype))
     assert sum(len(r.rewrites) for r in results) == 0
+
+
+# ---- what uses a served logsumexp before the loss moves after the op ---------------------------------
+
+def test_targets_computed_from_the_z_loss_logsumexp_are_left_alone(data):
+    """The loss's targets depend on the logsumexp the op would serve: a cycle (this failed the compile)."""
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = h @ w.T
+        lse = torch.logsumexp(z, -1)
+        y = torch.where(lse.detach() > lse.detach().median(), torch.full_like(y, -100), y)
+        return _ce(z, y) + 1e-2 * lse.pow(2).mean()
+    assert_left_alone(f, (h, w, y), "targets of the loss are computed from the z-loss's logsumexp")
+
+
+def test_a_logsumexp_user_under_no_grad_before_the_loss_is_left_alone(data):
+    """``c = lse.mean()`` under no_grad, before the loss, is a constant in eager; moved after the op (past
+    the end of the no_grad block) it would carry a gradient."""
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = h @ w.T
+        lse = torch.logsumexp(z, -1)
+        with torch.no_grad():
+            c = lse.mean()
+        return _ce(z, y) * c + 1e-3 * lse.pow(2).mean()
+    assert_left_alone(f, (h.detach(), w.detach(), y), "under another grad mode or autocast region")
+    check_grads_equal_eager(f, (h, w, y))
+
+
+def test_a_logsumexp_user_under_autocast_before_the_loss_is_left_alone(data):
+    h, w, b, y = data
+    a = torch.randn(1, 3)
+
+    def f(h, w, y):
+        z = h @ w.T
+        lse = torch.logsumexp(z, -1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m = lse.reshape(-1, 1) @ a  # bf16 in eager
+        return _ce(z, y) + m.float().sum()
+    assert_left_alone(f, (h.float(), w.float(), y), "under another grad mode or autocast region")
+
+
+def test_a_float64_bias_after_a_float32_matmul_is_left_alone(data):
+    """Eager adds a float64 bias and computes the loss in float64; the op would in float32."""
+    h, w, b, y = data
+    assert_left_alone(lambda h, w, b, y: _ce(h @ w.T + b, y), (h.float(), w.float(), b, y),
+                      "eager computes the loss in torch.float64")

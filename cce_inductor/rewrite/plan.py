@@ -15,7 +15,9 @@ the replacement would not compute what eager computes:
 * **mutation and aliasing** — anything writing, between the matmul and the loss, to the logits (or a
   z-loss's copy of them), the hidden states, the weight or the bias, or to any tensor sharing memory with
   them; any write at all between a served logsumexp and the loss; writes after the loss to what the op
-  saves; hooks on the logits.
+  saves; hooks on the logits;
+* **served logsumexps** — what uses one before the loss moves after the op: refused when the op's own
+  inputs are computed from it, or a moved node runs under another mode or draws random numbers.
 
 Emission (``emit``) then only builds what the plan says.
 """
@@ -166,6 +168,9 @@ def _plan_dtypes(m: Match, regions: Regions, bias: Optional[Node],
             bias_dtype = compute  # F.linear / addmm: the bias takes the matmul's dtype (autocast casts it too)
         else:  # z + b is computed in promote(z, b): hand the bias over in the op's own arithmetic dtype
             bias_dtype = _dtype(bias) if _dtype(bias) == compute else stat_dtype(compute)
+            if _more_precise(_dtype(bias), bias_dtype):
+                raise Miss(f"a {_dtype(bias)} bias after a {compute} matmul: eager computes the loss in "
+                           f"{_dtype(bias)}, the op would in {bias_dtype}")
     return compute, bias_dtype
 
 
@@ -218,6 +223,50 @@ def _check_mutation(m: Match, bias: Optional[Node], lse_users: list, pos: dict) 
         if seen is not None and _first_sharing(storages(seen), logits) is not None:
             raise Miss(f"{_callee_name(n)}() on the logits at {location(n)}: their gradient would not include "
                        "the loss's")
+
+
+# Ops that draw random numbers: moving one past another would change what each draws.
+_RANDOM_OPS = frozenset({
+    "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli", "bernoulli_",
+    "multinomial", "normal", "normal_", "uniform_", "exponential_", "geometric_", "cauchy_", "log_normal_",
+    "random_", "poisson", "dropout", "dropout_", "alpha_dropout", "feature_alpha_dropout", "dropout1d",
+    "dropout2d", "dropout3d", "rrelu", "native_dropout",
+})
+
+
+def _check_served_lse_users(m: Match, bias: Optional[Node], lse_users: list, regions: Regions, pos: dict) -> None:
+    """The op stands where the loss stands, so what is computed from a served logsumexp before the loss
+    moves after it. Refused when that cannot be done without changing the program: the op's own inputs
+    computed from that logsumexp (a cycle), or a moved node running under another grad mode, autocast
+    region or transform than the loss, or drawing random numbers."""
+    if not lse_users:
+        return
+    downstream: set = set()
+    stack = [u for u, *_ in lse_users]
+    while stack:
+        for user in stack.pop().users:
+            if user not in downstream:
+                downstream.add(user)
+                stack.append(user)
+    mm = m.mm
+    for what, node in (("hidden states", mm.hidden), ("weight", mm.weight if mm.weight is not None else mm.weight_t),
+                       ("bias", bias), ("targets", m.target)):
+        if node is not None and node in downstream:
+            raise Miss(f"the {what} of the loss are computed from the z-loss's logsumexp: the op would need "
+                       "its own output")
+
+    def region(n):
+        return regions.grad.get(n), tuple(regions.autocast.get(n, ())), regions.transforms.get(n, 0)
+    loss_at, loss_region = pos[m.loss], region(m.loss)
+    for n in sorted(downstream, key=pos.__getitem__):
+        if pos[n] >= loss_at:
+            break
+        if region(n) != loss_region:
+            raise Miss(f"`{n.name}` uses the z-loss's logsumexp before the loss under another grad mode or "
+                       f"autocast region, at {location(n)}: the op's lse is ready only where the loss stands")
+        if n.op in ("call_function", "call_method") and _callee_name(n) in _RANDOM_OPS:
+            raise Miss(f"`{n.name}` draws random numbers from the z-loss's logsumexp before the loss, at "
+                       f"{location(n)}: moving it after the op would change what it draws")
 
 
 def _first_sharing(keys, named: list) -> Optional[str]:
@@ -278,7 +327,9 @@ def plan_rewrite(m: Match, regions: Regions, recomputed: bool = False) -> Plan:
     except ValueError as e:
         raise Miss(f"options the op refuses: {e}") from e
     compute, bias_dtype = _plan_dtypes(m, regions, bias, lse_users)
-    _check_mutation(m, bias, lse_users, _node_positions(m.loss.graph))
+    pos = _node_positions(m.loss.graph)
+    _check_mutation(m, bias, lse_users, pos)
+    _check_served_lse_users(m, bias, lse_users, regions, pos)
     path, expected, reason = _plan_path(m, regions, compute, lse_users, recomputed)
     return Plan(m, compute, bias, bias_dtype, options, lse_users, path, expected, reason)
 
