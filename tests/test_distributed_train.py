@@ -409,6 +409,57 @@ def test_write_to_a_local_shard_is_left_alone(workers):
         assert any("writes to the weight" in m for m in misses), misses
 
 
+def _backward_changing_worker(rank, world):
+    """DTensor calls between the lm-head and the loss whose arguments change only the backward
+    (``redistribute(backward_dtype=...)`` rounds the gradient, ``to_local(grad_placements=...)`` changes
+    its reduction): left alone, and the gradients are eager's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from helpers import compile_counting
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def head():
+        torch.manual_seed(0)
+        m = nn.Linear(D, V, bias=False).double()
+        parallelize_module(m, mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
+        return m
+
+    def grad_placements(m, h, y):
+        z = m(h).redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
+        return F.cross_entropy(z.reshape(-1, V), y.reshape(-1))
+
+    def backward_dtype(m, h, y):
+        z = m(h).redistribute(placements=[Replicate()], backward_dtype=torch.bfloat16).to_local()
+        return F.cross_entropy(z.reshape(-1, V), y.reshape(-1))
+    torch.manual_seed(1)
+    h0, y = torch.randn(2, 3, D, dtype=torch.float64), torch.randint(0, V, (2, 3))
+    out = {}
+    for fn in (grad_placements, backward_dtype):
+        torch._dynamo.reset()
+        got = []
+        for run in ("compiled", "eager"):
+            m, h = head(), h0.clone().requires_grad_()
+            compiled, results = compile_counting(fn, fullgraph=False)
+            loss = (compiled if run == "compiled" else fn)(m, h, y)
+            loss.backward()
+            got.append((float(loss), h.grad.clone(), m.weight.grad.full_tensor()))
+            if run == "compiled":
+                out[fn.__name__] = [sum(len(r.rewrites) for r in results)]
+        (lc, hc, wc), (le, he, we) = got
+        out[fn.__name__] += [abs(lc - le), float((hc - he).abs().max()), float((wc - we).abs().max())]
+    return out
+
+
+def test_dtensor_calls_that_change_the_backward_are_left_alone(workers):
+    for out in workers.run(_backward_changing_worker, timeout=180):
+        for name, (rewrites, d_loss, d_h, d_w) in out.items():
+            assert rewrites == 0, name
+            assert d_loss < 1e-12 and d_h < 1e-12 and d_w < 1e-12, (name, d_loss, d_h, d_w)
+
+
 def _hf_worker(rank, world, mode):
     """A tiny Hugging Face Llama: FSDP2 (each decoder layer and the root sharded) or tensor parallel
     (ColwiseParallel lm_head + loss_parallel), ``model(input_ids, labels=labels).loss`` compiled."""

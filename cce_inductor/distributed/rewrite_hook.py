@@ -73,7 +73,9 @@ def value_preserving_source(node: Any) -> Optional[Node]:
     * ``x.to_local()`` of a ``Replicate`` DTensor — the local tensor is the global value
       (``ColwiseParallel(output_layouts=Replicate())`` with ``use_local_output=True`` ends this way).
 
-    ``to_local()`` of a sharded DTensor is not one: the loss would see one rank's vocabulary shard.
+    ``to_local()`` of a sharded DTensor is not one: the loss would see one rank's vocabulary shard. Nor is
+    a call whose arguments change the backward (``redistribute(backward_dtype=...)`` rounds the gradient;
+    ``to_local(grad_placements=...)`` changes how it is reduced): the op's backward would skip that.
     """
     if not isinstance(node, Node) or node.op != "call_method" or not node.args:
         return None
@@ -84,10 +86,14 @@ def value_preserving_source(node: Any) -> Optional[Node]:
     if not _is_dtensor(a) or not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
         return None
     if node.target == "redistribute" and _is_dtensor(b):
+        extra = {k: v for k, v in node.kwargs.items() if k not in ("device_mesh", "placements", "async_op")}
+        if len(node.args) <= 3 and all(v is None for v in extra.values()):  # no forward/backward_dtype
+            return src
+        return None
+    if node.target == "full_tensor" and not node.kwargs and len(node.args) == 1:
         return src
-    if node.target == "full_tensor" and not node.kwargs:
-        return src
-    if node.target == "to_local" and _replicated(a):
+    if node.target == "to_local" and _replicated(a) and len(node.args) == 1 and not any(
+            v is not None for v in node.kwargs.values()):  # no grad_placements
         return src
     return None
 
