@@ -5,9 +5,11 @@
     with cce_inductor.config.patch(fast_path_memory_fraction=0.3):
         ...
 
-Read where the op runs (eagerly or inside a compiled graph's op call) and where the public function
-decides which op to call. ``torch.compile`` guards on values read while tracing, so changing a knob
-recompiles the functions that read it.
+Read where the op runs (eagerly, or inside a compiled graph's op call: the fast path's chunking knobs,
+the kernel variants) and where the public function decides which op to call. ``path`` is read by the
+rewrite when a function is compiled and written into its graph (and into the FX-graph cache key): set it
+before compiling. Changing it later does not recompile a function already compiled in this process (the
+rewrite runs after Dynamo's tracing, so no guard is installed); ``torch._dynamo.reset()`` recompiles.
 """
 import sys
 from typing import Optional

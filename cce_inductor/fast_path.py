@@ -189,8 +189,9 @@ def _backward(ctx, grad_loss, *_unused):
     if ctx.consumed:
         raise RuntimeError(
             "cce_inductor's fast path scales its saved gradients in place in the backward, so it can run "
-            "only once per forward (retain_graph=True and a second backward are not supported): use "
-            "path='low_memory' (or cce_inductor.config.path = 'low_memory') for this loss")
+            "only once per forward (retain_graph=True and a second backward are not supported): pass "
+            "path='low_memory' for this loss (or set cce_inductor.config.path = 'low_memory' before it is "
+            "called or compiled)")
     ctx.consumed = True
     dh, dw, db = ctx.saved_tensors
     want_h, want_w, want_b = ctx.wants
