@@ -62,6 +62,11 @@ def through_epilogue_(dz: Tensor, th: Optional[Tensor], opts: LossOptions) -> Te
     return dz
 
 
+def per_row(x: Tensor, valid: Tensor, bad: Tensor) -> Tensor:
+    """``x`` on valid rows, 0 on ignored rows, NaN on rows whose target is out of range (as the op's loss)."""
+    return torch.where(bad, torch.full_like(x, float("nan")), torch.where(valid, x, torch.zeros_like(x)))
+
+
 def _target_status(t: Tensor, v: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """(valid, out_of_range, clamped index): valid rows are in [0, V); ignored rows are neither."""
     ignored = t == ignore_index
@@ -89,9 +94,7 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
         nll = row_lse - target_z
         if eps:
             nll = (1 - eps) * nll + eps * (row_lse - mean_z)
-        nll = torch.where(valid, nll, torch.zeros_like(nll))
-        nll = torch.where(bad, torch.full_like(nll, float("nan")), nll)
-        loss[s:e] = nll
+        loss[s:e] = per_row(nll, valid, bad)
         lse[s:e] = row_lse
     return loss, lse
 
@@ -113,9 +116,7 @@ def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weig
         z, th = _logits(h, w, b, opts)
         valid, bad, idx = _target_status(targets[s:e], v, opts.ignore_index)
         # g: weight of the loss term per row (0 on ignored rows; NaN propagates from out-of-range rows).
-        g = grad_loss[s:e].to(cd)
-        g = torch.where(valid | bad, g, torch.zeros_like(g))
-        g = torch.where(bad, torch.full_like(g, float("nan")), g)
+        g = per_row(grad_loss[s:e].to(cd), valid, bad)
         row_weight = g if grad_lse is None else g + grad_lse[s:e].to(cd)
         dz = z.sub_(lse[s:e, None].to(cd)).exp_().mul_(row_weight[:, None])  # softmax * row weight, in place
         dz.scatter_add_(1, idx[:, None], (-(1 - eps) * g)[:, None])
@@ -166,8 +167,6 @@ def jvp(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
         d_loss = (1 - eps) * (d_lse - dz.gather(1, idx[:, None]).squeeze(1))
         if eps:
             d_loss = d_loss + eps * (d_lse - dz.mean(dim=-1))
-        d_loss = torch.where(valid, d_loss, torch.zeros_like(d_loss))
-        d_loss = torch.where(bad, torch.full_like(d_loss, float("nan")), d_loss)
-        t_loss[s:e] = d_loss
+        t_loss[s:e] = per_row(d_loss, valid, bad)
         t_lse[s:e] = d_lse
     return t_loss, t_lse

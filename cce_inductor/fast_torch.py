@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .chunked_torch import _logits, _rows_per_chunk, _target_status, stat_dtype, through_epilogue_
+from .chunked_torch import _logits, _rows_per_chunk, _target_status, per_row, stat_dtype, through_epilogue_
 from .options import LossOptions
 
 
@@ -53,12 +53,8 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
         nll = lse - target_z
         if eps:
             nll = (1 - eps) * nll + eps * (lse - mean_z)
-        nll = torch.where(valid, nll, torch.zeros_like(nll))
-        nll = torch.where(bad, torch.full_like(nll, float("nan")), nll)
-        total = total + nll.sum()
-        # Row weight: coef on valid rows, 0 on ignored rows, NaN on out-of-range targets.
-        g = torch.where(valid, coef.expand(e - s), torch.zeros((), dtype=cd, device=dev))
-        g = torch.where(bad, torch.full_like(g, float("nan")), g)
+        total = total + per_row(nll, valid, bad).sum()
+        g = per_row(coef.expand(e - s), valid, bad)  # the row weight
         dz = p.div_(sum_exp[:, None]).mul_(g[:, None])  # softmax * row weight, in place
         dz.scatter_add_(1, idx[:, None], (-(1 - eps) * g)[:, None])
         if eps:

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..chunked_torch import _target_status, through_epilogue_
+from ..chunked_torch import _target_status, per_row, through_epilogue_
 from ..options import LossOptions
 
 # Elements of one float32 logits chunk (token rows × V_local). On the CPU small chunks stay in cache;
@@ -162,9 +162,7 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
     if eps:
         nll = (1 - eps) * nll + eps * (lse - stats[2] / vocab_size)
     valid, bad = _target_masks(targets, vocab_size, opts.ignore_index)
-    loss = torch.where(valid, nll, torch.zeros_like(nll))
-    loss = torch.where(bad, torch.full_like(loss, float("nan")), loss)
-    return loss, lse
+    return per_row(nll, valid, bad), lse
 
 
 def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weight: Tensor,
@@ -182,9 +180,7 @@ def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weig
     d_bias = None if bias is None else torch.zeros(v_local, dtype=cd, device=weight.device)
     valid, bad = _target_masks(targets, vocab_size, opts.ignore_index)
     # g: weight of the loss term per row (0 on ignored rows, NaN on out-of-range rows, as the op's loss)
-    g = grad_loss.to(cd)
-    g = torch.where(valid | bad, g, torch.zeros_like(g))
-    g = torch.where(bad, torch.full_like(g, float("nan")), g)
+    g = per_row(grad_loss.to(cd), valid, bad)
     row_weight = g if grad_lse is None else g + grad_lse.to(cd)
     if v_local > 0:
         step = _rows_per_chunk(n, v_local, hidden.device)
