@@ -43,6 +43,7 @@ from cce_inductor.kernels.config import Tile  # noqa: E402
 from cce_inductor.reference import reference_loss_and_grads, rel_err  # noqa: E402
 from cce_inductor.options import LossOptions  # noqa: E402
 from cce_inductor.paths import choose_path, plan_fast  # noqa: E402
+from sweep import make_inputs  # noqa: E402  (peers.py's inputs; this script's directory is on sys.path)
 
 SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256), "tiny": (96, 32, 700)}
 MiB = 1 << 20
@@ -68,28 +69,6 @@ def peak_since(base: int) -> float:
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def make(N, D, V, regime):
-    """peers.py's inputs: "zipf" (trained-like: Zipf prior, targets sampled from the softmax) or "flat"."""
-    g = torch.Generator(device=DEV).manual_seed(1)
-    e = torch.randn(N, D, device=DEV, generator=g)
-    if regime == "flat":
-        c = torch.randn(V, D, device=DEV, generator=g) / D ** 0.5
-    else:
-        rank = torch.randperm(V, device=DEV, generator=g).float()
-        logp = -1.1 * torch.log(rank + 2.7)
-        e[:, 0] = 1.0
-        c = torch.randn(V, D, device=DEV, generator=g) * (3.0 / D ** 0.5)
-        c[:, 0] = logp - torch.logsumexp(logp, 0)
-    e, c = e.to(torch.bfloat16), c.to(torch.bfloat16)
-    t = torch.empty(N, dtype=torch.long, device=DEV)
-    with torch.no_grad():
-        for s in range(0, N, 1024):
-            p = torch.softmax((e[s:s + 1024] @ c.T).float(), -1)
-            t[s:s + 1024] = torch.multinomial(p, 1, generator=g).squeeze(1)
-            del p
-    return e.requires_grad_(), c.requires_grad_(), t
 
 
 def eager(e, c, t):
@@ -237,7 +216,7 @@ def main():
     compiled_nograd = torch.compile(lambda e, c, t: F.cross_entropy((e @ c.T).float(), t))
     for shape in a.shapes.split(","):
         N, D, V = SHAPES[shape]
-        e, c, t = make(N, D, V, a.regime)
+        e, c, t = make_inputs(N, D, V, a.regime, device=DEV)
         lref, _, rdh, rdw, _ = reference_loss_and_grads(e.detach(), c.detach(), None, t, LossOptions(),
                                                         torch.full((N,), 1.0 / N, device=DEV))
         ref = (lref.mean().item(), rdh, rdw)

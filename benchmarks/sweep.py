@@ -82,23 +82,23 @@ def _dist_version(name):
         return "?"
 
 
-def make_inputs(N, D, V, regime, seed=1):
+def make_inputs(N, D, V, regime, seed=1, device="cuda"):
     """bf16 e [N, D], c [V, D] and targets [N]. ``flat``: random logits of unit scale, uniform targets.
     ``zipf``: trained-like: a Zipf prior over a shuffled vocabulary carried by one hidden dimension plus
     a random context term, targets sampled from the model's own softmax (so the loss is realistic)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    e = torch.randn(N, D, device="cuda", generator=g)
+    g = torch.Generator(device=device).manual_seed(seed)
+    e = torch.randn(N, D, device=device, generator=g)
     if regime == "flat":
-        c = torch.randn(V, D, device="cuda", generator=g) / D**0.5
-        t = torch.randint(0, V, (N,), device="cuda", generator=g)
+        c = torch.randn(V, D, device=device, generator=g) / D**0.5
+        t = torch.randint(0, V, (N,), device=device, generator=g)
         return e.bfloat16().requires_grad_(), c.bfloat16().requires_grad_(), t
-    rank = torch.randperm(V, device="cuda", generator=g).float()
+    rank = torch.randperm(V, device=device, generator=g).float()
     prior = -1.1 * torch.log(rank + 2.7)
-    c = torch.randn(V, D, device="cuda", generator=g) * (3.0 / D**0.5)
+    c = torch.randn(V, D, device=device, generator=g) * (3.0 / D**0.5)
     c[:, 0] = prior - torch.logsumexp(prior, 0)
     e[:, 0] = 1.0
     e, c = e.bfloat16(), c.bfloat16()
-    t = torch.empty(N, dtype=torch.long, device="cuda")
+    t = torch.empty(N, dtype=torch.long, device=device)
     with torch.no_grad():
         for s in range(0, N, 2048):
             p = torch.softmax((e[s:s + 2048] @ c.T).float(), -1)

@@ -202,10 +202,11 @@ def _check_mutation(m: Match, bias: Optional[Node], lse_users: list, pos: dict) 
         p = pos[n]
         if p <= start or n in chain:
             continue
-        if first_lse < p < pos[m.loss] and writes(n):
+        written = writes(n)
+        if first_lse < p < pos[m.loss] and written:
             raise Miss(f"{_what_writes(n)} writes between the z-loss's logsumexp and the loss, at {location(n)}: "
                        "the op's lse is ready only where the loss stands")
-        for w in writes(n):
+        for w in written:
             keys = storages(w)
             if p < end:
                 hit = _first_sharing(keys, protected)
