@@ -45,15 +45,18 @@ def observed_for_grad(node: Node) -> Optional[Node]:
     Dynamo records ``z.register_hook(fn)`` as a method call or as the ``register_hook`` higher-order op."""
     if not node.args or not isinstance(node.args[0], Node):
         return None
-    if node.op == "call_method" and node.target in GRAD_OBSERVERS:
+    if node.op in ("call_method", "call_function") and callee_name(node) in GRAD_OBSERVERS:
         return node.args[0]
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", None)
-        if isinstance(node.target, torch._ops.HigherOrderOperator):
-            name = node.target.name()
-        if name in GRAD_OBSERVERS:
-            return node.args[0]
     return None
+
+
+def callee_name(n: Node) -> str:
+    """What a call node calls: the method name, the higher-order op's name, or the function's name."""
+    if n.op == "call_method":
+        return n.target
+    if isinstance(n.target, torch._ops.HigherOrderOperator):
+        return n.target.name()
+    return getattr(n.target, "__name__", str(n.target))
 # Python-level callables Dynamo leaves in graphs that write nothing (no schema to read); the rewrite adds
 # its own op target here.
 PURE_CALLABLES = {getattr, operator.getitem, len, isinstance, type}

@@ -33,7 +33,7 @@ from torch.fx import Node
 from ..options import LossOptions
 from .fx_util import _dtype, _same_size, _shape, _val, location
 from .match import Match, Miss
-from .mutation import may_share_memory, observed_for_grad, storages, writes
+from .mutation import callee_name, may_share_memory, observed_for_grad, storages, writes
 from .regions import Regions
 from .steps import StepKind
 from .zloss import find_logsumexps
@@ -222,7 +222,7 @@ def _check_mutation(m: Match, bias: Optional[Node], lse_users: list, pos: dict) 
     for n in m.loss.graph.nodes:
         seen = observed_for_grad(n)
         if seen is not None and _first_sharing(storages(seen), logits) is not None:
-            raise Miss(f"{_callee_name(n)}() on the logits at {location(n)}: their gradient would not include "
+            raise Miss(f"{callee_name(n)}() on the logits at {location(n)}: their gradient would not include "
                        "the loss's")
 
 
@@ -265,7 +265,7 @@ def _check_served_lse_users(m: Match, bias: Optional[Node], lse_users: list, reg
         if region(n) != loss_region:
             raise Miss(f"`{n.name}` uses the z-loss's logsumexp before the loss under another grad mode or "
                        f"autocast region, at {location(n)}: the op's lse is ready only where the loss stands")
-        if n.op in ("call_function", "call_method") and _callee_name(n) in _RANDOM_OPS:
+        if n.op in ("call_function", "call_method") and callee_name(n) in _RANDOM_OPS:
             raise Miss(f"`{n.name}` draws random numbers from the z-loss's logsumexp before the loss, at "
                        f"{location(n)}: moving it after the op would change what it draws")
 
@@ -278,18 +278,10 @@ def _first_sharing(keys, named: list) -> Optional[str]:
     return None
 
 
-def _callee_name(n: Node) -> str:
-    if n.op == "call_method":
-        return n.target
-    if isinstance(n.target, torch._ops.HigherOrderOperator):
-        return n.target.name()
-    return getattr(n.target, "__name__", str(n.target))
-
-
 def _what_writes(n: Node) -> str:
     if n.op == "call_method":
         return f"`.{n.target}()`"
-    name = _callee_name(n)
+    name = callee_name(n)
     return "`setitem` (z[...] = ...)" if name == "setitem" else f"`{name}`"
 
 
