@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from . import config as cce_config
 from .logging_ import log
 from .rewrite import PassResult, rewrite_graph
 
@@ -127,10 +128,8 @@ class CCEGraphPass(CustomGraphPass):
         rewrite_graph(graph)
 
     def uuid(self) -> Any:
-        from . import config
-
         # config.path is written into the rewritten graph (the op's path= argument): part of the key
-        return ("cce_inductor", pass_uuid(), config.path)
+        return ("cce_inductor", pass_uuid(), cce_config.path)
 
 
 class ComposedPass(CustomGraphPass):

@@ -11,7 +11,7 @@ Two paths share the one public function ``linear_cross_entropy``:
 * **low_memory**: everything else: four matmuls (the backward recomputes the logits per vocabulary
   chunk), memory ~1.1x the two gradients. It is also the fast op's fallback when the fast workspace does
   not fit (``path="auto"``): the same forward + vocabulary-chunked backward then run inside the fast op's
-  forward (``fast_path._low_memory_in_forward``), so its outputs do not depend on the decision; the
+  forward (``select._low_memory_in_forward``), so its outputs do not depend on the decision; the
   gradients are held from the forward to the backward as the fast path's are.
 
 ``choose_path`` is a pure function of sizes and flags, so the graph rewrite can call it at rewrite time
@@ -24,13 +24,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .core.settings import PATHS, REMAINDERS, Settings, check_choice  # noqa: F401  (PATHS, REMAINDERS re-exported)
+
 MiB = 1 << 20
 # Bytes kept aside for small per-chunk buffers (per-token loss, d_bias, cuBLAS workspace).
 SAFETY_BYTES = 16 * MiB
 # Tokens per chunk are a multiple of this (the d_weight kernel's K loop, cuBLAS-friendly shapes).
 CHUNK_ALIGN = 64
-PATHS = ("auto", "fast", "low_memory")
-REMAINDERS = ("auto", "int8", "int4")
 
 
 class PathChoice(NamedTuple):
@@ -77,14 +77,12 @@ def fold_slab_rows(cols: int, slab_bytes: int) -> int:
     return rows // SLAB_ALIGN * SLAB_ALIGN if rows >= SLAB_ALIGN else rows
 
 
-def remainder_bytes(V: int, D: int, remainder: str) -> int:
+def remainder_bytes(V: int, D: int, remainder: str, slab_bytes: int) -> int:
     """Bytes of the d_weight accumulator beyond the gradient itself: the rounding remainder, and (16-bit,
     several chunks) the float32 product slab of the cuBLAS + fold scheme (counted whichever scheme runs)."""
     if remainder == "none":
         return 0
-    from . import config
-
-    slab = min(V, fold_slab_rows(D, config.fold_slab_bytes)) * D * 4
+    slab = min(V, fold_slab_rows(D, slab_bytes)) * D * 4
     return {"int8": V * D, "int4": V * ((D + 1) // 2)}[remainder] + slab
 
 
@@ -101,26 +99,30 @@ def _tokens_for(N: int, max_tokens: int) -> tuple[int, int]:
 
 def plan_fast(N, D, V, dtype: torch.dtype, *, memory_fraction: Optional[float] = None,
               tokens_per_chunk: Optional[int] = None, remainder: Optional[str] = None,
-              min_tokens: Optional[int] = None, force: bool = False) -> Optional[FastPlan]:
+              min_tokens: Optional[int] = None, force: bool = False,
+              settings: Optional[Settings] = None) -> Optional[FastPlan]:
     """The fast path's chunking under the memory budget, or None when no chunk of ``min_tokens`` fits.
 
     Budget: peak = gradients + workspace <= memory_fraction * (gradients + N*V logits), all in the input
     dtype (what keeping the logits costs, i.e. torch.compile's fused loss). Explicit ``tokens_per_chunk``
     bypasses the budget (always returns a plan); so does ``force`` when nothing fits (then the smallest
-    chunk, ``min_tokens``, with the smallest remainder).
+    chunk, ``min_tokens``, with the smallest remainder). Unset arguments come from ``settings`` (default:
+    :meth:`Settings.from_config`).
     """
-    from . import config
-
+    cfg = settings if settings is not None else Settings.from_config()
     N, D, V = _hint(N), _hint(D), _hint(V)
-    fraction = config.fast_path_memory_fraction if memory_fraction is None else memory_fraction
-    tokens = config.fast_path_tokens_per_chunk if tokens_per_chunk is None else tokens_per_chunk
-    rem_pref = config.fast_path_remainder if remainder is None else remainder
-    min_tokens = config.fast_path_min_tokens_per_chunk if min_tokens is None else min_tokens
-    if rem_pref not in REMAINDERS:
-        raise ValueError(f"fast_path_remainder must be one of {REMAINDERS}, got {rem_pref!r}")
+    fraction = cfg.fast_path_memory_fraction if memory_fraction is None else memory_fraction
+    tokens = cfg.fast_path_tokens_per_chunk if tokens_per_chunk is None else tokens_per_chunk
+    rem_pref = cfg.fast_path_remainder if remainder is None else remainder
+    min_tokens = cfg.fast_path_min_tokens_per_chunk if min_tokens is None else min_tokens
+    max_tokens = cfg.fast_path_max_tokens_per_chunk
+    check_choice("fast_path_remainder", rem_pref, REMAINDERS)
+
+    def rem_bytes(rem: str) -> int:
+        return remainder_bytes(V, D, rem, cfg.fold_slab_bytes)
+
     e = _elem_bytes(dtype)
-    grads = (N + V) * D * e
-    budget = int(fraction * (grads + N * V * e)) - grads - SAFETY_BYTES
+    budget = budget_bytes(N, D, V, dtype, fraction)
     exact_acc = e >= 4  # fp32/fp64 accumulate in place: no remainder
 
     def rem_for(n_chunks: int, pref: str) -> str:
@@ -131,72 +133,80 @@ def plan_fast(N, D, V, dtype: torch.dtype, *, memory_fraction: Optional[float] =
     if tokens is not None:
         nc, n = _tokens_for(N, max(1, int(tokens)))
         rem = rem_for(n, rem_pref)
-        if rem_pref == "auto" and rem != "none" and nc * V * e + remainder_bytes(V, D, "int8") > budget:
+        if rem_pref == "auto" and rem != "none" and nc * V * e + rem_bytes("int8") > budget:
             rem = "int4"  # the chunk is fixed: int8 unless only int4 keeps the workspace within the budget
-        return FastPlan(nc, n, rem, nc * V * e + remainder_bytes(V, D, rem), budget)
+        return FastPlan(nc, n, rem, nc * V * e + rem_bytes(rem), budget)
     if N == 0:
         return FastPlan(0, 0, "none", 0, budget)
     candidates = []
-    if N * V * e <= budget and N <= config.fast_path_max_tokens_per_chunk:  # one chunk: no remainder
+    if N * V * e <= budget and N <= max_tokens:  # one chunk: no remainder
         candidates.append(FastPlan(N, 1, "none", N * V * e, budget))
     else:
         prefs = ["none"] if exact_acc else (["int8", "int4"] if rem_pref == "auto" else [rem_pref])
         for rem in prefs:
-            room = budget - remainder_bytes(V, D, rem)
+            room = budget - rem_bytes(rem)
             if room < min(N, min_tokens) * V * e:
                 continue
-            nc, n = _tokens_for(N, min(room // (V * e), config.fast_path_max_tokens_per_chunk))
+            nc, n = _tokens_for(N, min(room // (V * e), max_tokens))
             candidates.append(FastPlan(nc, n, rem if n > 1 else "none",
-                                       nc * V * e + remainder_bytes(V, D, rem if n > 1 else "none"), budget))
+                                       nc * V * e + rem_bytes(rem if n > 1 else "none"), budget))
     if not candidates:
         if not force:
             return None
         return plan_fast(N, D, V, dtype, memory_fraction=fraction, tokens_per_chunk=min_tokens,
-                         remainder="int4" if rem_pref == "auto" else rem_pref)
+                         remainder="int4" if rem_pref == "auto" else rem_pref, settings=cfg)
     # Fewest chunks (each one is a read-modify-write pass over d_weight); on a tie the first (int8:
     # the more exact remainder).
     return min(candidates, key=lambda p: p.n_chunks)
 
 
+def fast_path_refusal(path: str, reduction: str, return_lse: bool, needs_grad: bool) -> Optional[str]:
+    """The one rule for whether the fast path may serve a loss, from flags only (never sizes: static under
+    torch.compile): None when it may, else why not. The fast op itself then picks its scheme from the actual
+    sizes (:func:`plan_fast`)."""
+    check_choice("path", path, PATHS)
+    if path == "low_memory":
+        return "path='low_memory' requested"
+    if reduction not in ("mean", "sum"):
+        return f"reduction={reduction!r} needs per-token gradients (fast path: scalar loss only)"
+    if return_lse:
+        return "the lse output needs its own gradient (fast path: loss only)"
+    if not needs_grad:
+        return "no gradient needed (forward only)"
+    return None
+
+
 def choose_path(N, D, V, dtype: torch.dtype, device, reduction: str, return_lse: bool, needs_grad: bool,
-                path: Optional[str] = None) -> PathChoice:
+                path: Optional[str] = None, settings: Optional[Settings] = None) -> PathChoice:
     """("fast" | "low_memory", tokens_per_chunk, reason) for a loss of N tokens, hidden D, vocabulary V.
 
     ``path``: "auto" | "fast" | "low_memory" (None: ``cce_inductor.config.path``). ``device`` is accepted
     for the rewrite's convenience (both paths run everywhere: Triton kernels on CUDA, PyTorch on the
     CPU) and does not change the decision.
     """
-    from . import config
-
-    path = config.path if path is None else path
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if path == "low_memory":
-        return PathChoice("low_memory", 0, "path='low_memory' requested")
-    if reduction not in ("mean", "sum"):
-        return PathChoice("low_memory", 0, f"reduction={reduction!r} needs per-token gradients (fast path: scalar loss only)")
-    if return_lse:
-        return PathChoice("low_memory", 0, "the lse output needs its own gradient (fast path: loss only)")
-    if not needs_grad:
-        return PathChoice("low_memory", 0, "no gradient needed (forward only)")
+    cfg = settings if settings is not None else Settings.from_config()
+    path = cfg.path if path is None else path
+    refusal = fast_path_refusal(path, reduction, return_lse, needs_grad)
+    if refusal is not None:
+        return PathChoice("low_memory", 0, refusal)
     if path == "fast":
-        plan = plan_fast(N, D, V, dtype, force=True)
+        plan = plan_fast(N, D, V, dtype, force=True, settings=cfg)
         return PathChoice("fast", plan.tokens_per_chunk, "path='fast' requested")
-    plan = plan_fast(N, D, V, dtype)
+    plan = plan_fast(N, D, V, dtype, settings=cfg)
     if plan is None:
-        e = _elem_bytes(dtype)
         return PathChoice("low_memory", 0,
                           f"the fast path's workspace does not fit fast_path_memory_fraction="
-                          f"{config.fast_path_memory_fraction} (budget {plan_budget_mib(N, D, V, e):.0f} MiB "
+                          f"{cfg.fast_path_memory_fraction} (budget "
+                          f"{budget_bytes(N, D, V, dtype, cfg.fast_path_memory_fraction) / MiB:.0f} MiB "
                           f"beyond the gradients)")
     return PathChoice("fast", plan.tokens_per_chunk,
                       f"fits the memory budget: {plan.n_chunks} chunk(s) of {plan.tokens_per_chunk} tokens, "
                       f"remainder {plan.remainder}, workspace {plan.workspace_bytes / MiB:.0f} MiB")
 
 
-def plan_budget_mib(N, D, V, elem_bytes: int) -> float:
-    from . import config
-
-    N, D, V = _hint(N), _hint(D), _hint(V)
-    grads = (N + V) * D * elem_bytes
-    return (config.fast_path_memory_fraction * (grads + N * V * elem_bytes) - grads - SAFETY_BYTES) / MiB
+def budget_bytes(N, D, V, dtype: torch.dtype, memory_fraction: float) -> int:
+    """What the fast path's workspace may take beyond the gradients: ``memory_fraction`` x (gradients + the
+    N x V logits), all in the input dtype (what keeping the logits costs), minus the gradients and a margin."""
+    N, D, V, e = _hint(N), _hint(D), _hint(V), _elem_bytes(dtype)
+    grads = (N + V) * D * e
+    return int(memory_fraction * (grads + N * V * e)) - grads - SAFETY_BYTES

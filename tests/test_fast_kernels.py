@@ -8,7 +8,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py when CUDA is absent)", allow_module_level=True)
 
-from cce_inductor import fast_torch  # noqa: E402
+from cce_inductor.torch_impl import fast as fast_torch  # noqa: E402
 from cce_inductor.kernels.accumulate import accumulate_matmul, new_remainder  # noqa: E402
 from cce_inductor.kernels.config import INTERPRETER_CONFIG, Tile  # noqa: E402
 from cce_inductor.kernels.fast import triton_chunked_forward, triton_fast_forward  # noqa: E402
@@ -27,11 +27,12 @@ OPTION_CASES = [
 ]
 
 
-def check_fast(h, w, b, t, opts, reduction, tokens, remainder, need=(True, True, True), tol=None):
+def check_fast(h, w, b, t, opts, reduction, tokens, remainder, need=(True, True, True), tol=None,
+               cfg=INTERPRETER_CONFIG):
     N = h.shape[0]
     loss, dh, dw, db = triton_fast_forward(h, w, b, t, opts, reduction=reduction, tokens_per_chunk=tokens,
                                            remainder=remainder, need_d_hidden=need[0], need_d_weight=need[1],
-                                           need_d_bias=need[2], config=INTERPRETER_CONFIG)
+                                           need_d_bias=need[2], config=cfg)
     count = (t != opts.ignore_index).sum().item()
     coef = 1.0 / count if reduction == "mean" else 1.0
     rl, _, rdh, rdw, rdb = reference_loss_and_grads(h, w, b, t, opts, torch.full((N,), coef, dtype=torch.float64))
@@ -242,16 +243,14 @@ def test_accumulate_falls_back_to_a_smaller_tile_on_out_of_resources(monkeypatch
 def test_cublas_fold_scheme_matches_float64(dtype, remainder, poison):
     """The d_weight accumulator filled by float32 products (cuBLAS on a GPU, an upcast matmul here) folded
     into hi + remainder, in several vocabulary slabs per chunk: every option, as exact as the Triton scheme."""
-    from cce_inductor import config
-
     has_bias, opts = OPTION_CASES[1]
     gen = torch.Generator().manual_seed(31)
     N, D, V = 37, 40, 70
     h, w, b, t = make_inputs(N, D, V, dtype, has_bias, gen)
     # 16 rows of 40 fp32 per slab: 5 slabs over V = 70, the last one partial
-    with config.patch(fast_path_weight_accumulate="cublas_fold", fold_slab_bytes=16 * 40 * 4):
-        for reduction in ("mean", "sum"):
-            check_fast(h, w, b, t, opts, reduction, tokens=8, remainder=remainder)
+    cfg = INTERPRETER_CONFIG.with_(weight_accumulate="cublas_fold", fold_slab_bytes=16 * 40 * 4)
+    for reduction in ("mean", "sum"):
+        check_fast(h, w, b, t, opts, reduction, tokens=8, remainder=remainder, cfg=cfg)
 
 
 def test_fold_fp32_equals_the_fused_epilogue(poison):

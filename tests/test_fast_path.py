@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import cce_inductor
-from cce_inductor import fast_path
-from cce_inductor.api import reference_linear_cross_entropy
-from cce_inductor.op import use_triton_on_cpu
+from cce_inductor import select
+from cce_inductor.reference import reference_linear_cross_entropy
+from cce_inductor.select import use_triton_on_cpu
 
 from helpers import make_inputs, rel_err
 
@@ -33,7 +33,7 @@ def reference(h, w, b, t, factor=UPSTREAM, **kw):
 def spy_fast(monkeypatch):
     """Records each run of the fast path (its outputs' data pointers)."""
     calls = []
-    real = fast_path.run_fast
+    real = select.fast_forward
 
     def spy(*a, **k):
         out = real(*a, **k)
@@ -41,7 +41,7 @@ def spy_fast(monkeypatch):
                       "dw": None if out[2] is None else out[2].data_ptr()})  # no reference kept
         return out
 
-    monkeypatch.setattr(fast_path, "run_fast", spy)
+    monkeypatch.setattr(select, "fast_forward", spy)
     yield calls
 
 
@@ -87,8 +87,8 @@ def test_auto_takes_the_low_memory_scheme_when_the_budget_is_too_small(monkeypat
     h, w, b, t = make_inputs((40,), 16, 50, torch.float32, bias=True)
     with spy_fast(monkeypatch), cce_inductor.config.patch(fast_path_memory_fraction=0.0):
         called = {}
-        real = fast_path._low_memory_in_forward
-        monkeypatch.setattr(fast_path, "_low_memory_in_forward",
+        real = select._low_memory_in_forward
+        monkeypatch.setattr(select, "_low_memory_in_forward",
                             lambda *a, **k: called.setdefault("out", real(*a, **k)))
         loss, grads = grads_of(cce_inductor.linear_cross_entropy, h, w, b, t)
     assert "out" in called
@@ -101,7 +101,7 @@ def test_auto_takes_the_low_memory_scheme_when_the_budget_is_too_small(monkeypat
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 def test_auto_low_memory_scheme_on_triton():
     """Forming the gradients with the low-memory kernels inside the forward gives exactly the low-memory
-    path's gradients (upstream gradient 1: other factors add one rounding, see fast_path.py)."""
+    path's gradients (upstream gradient 1: other factors add one rounding, see ops/fast.py)."""
     h, w, b, t = make_inputs((30,), 20, 45, torch.bfloat16, bias=True, scale=4.0)
     with use_triton_on_cpu():
         with cce_inductor.config.patch(fast_path_memory_fraction=0.0):

@@ -219,16 +219,14 @@ def test_inputs_that_require_grad():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_dhidden_cublas_fold_variant(dtype, poison):
-    """config.low_memory_dhidden="cublas_fold" (float32 products folded into hi + remainder, several slabs
-    of rows) gives d_hidden as exactly as the Triton accumulate kernel, with every option."""
-    from cce_inductor import config
-
+    """The "cublas_fold" d_hidden scheme (config.low_memory_dhidden: float32 products folded into hi +
+    remainder, several slabs of rows) gives d_hidden as exactly as the Triton accumulate kernel, with every
+    option."""
     gen = torch.Generator().manual_seed(10)
     h, w, b, t = make_inputs(21, 24, 90, dtype, True, gen)
     opts = LossOptions(label_smoothing=0.1, softcap=4.0, logit_scale=0.8)
-    cfg = INTERPRETER_CONFIG.with_(chunk_cols=32)
-    with config.patch(low_memory_dhidden="cublas_fold", fold_slab_bytes=8 * 24 * 4):  # 3 slabs of 8 rows
-        run_and_check(h, w, b, t, opts, cfg, gen)
+    cfg = INTERPRETER_CONFIG.with_(chunk_cols=32, dhidden_scheme="cublas_fold", fold_slab_bytes=8 * 24 * 4)
+    run_and_check(h, w, b, t, opts, cfg, gen)  # 3 slabs of 8 rows
 
 
 @triton.jit

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cce_inductor
-from cce_inductor import chunked_torch
+from cce_inductor.torch_impl import common as torch_common
 from cce_inductor.reference import reference_linear_cross_entropy
 
 from helpers import float64_reference, loss_and_grads, make_inputs, rel_err
@@ -57,7 +57,7 @@ def test_16bit_gradients_as_exact_as_eager(dtype, softcap, label_smoothing):
 def test_chunking_does_not_change_results(monkeypatch):
     h, w, b, t = make_inputs((50,), 8, 23, torch.float64, bias=True)
     full = loss_and_grads(cce_inductor.linear_cross_entropy, h, w, b, t, reduction="none", return_lse=True)
-    monkeypatch.setattr(chunked_torch, "CHUNK_ELEMENTS", 23 * 3)  # 3 rows per chunk, last chunk partial
+    monkeypatch.setattr(torch_common, "CHUNK_ELEMENTS", 23 * 3)  # 3 rows per chunk, last chunk partial
     chunked = loss_and_grads(cce_inductor.linear_cross_entropy, h, w, b, t, reduction="none", return_lse=True)
     for a, c in zip([full[0], full[1], *full[2]], [chunked[0], chunked[1], *chunked[2]]):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
@@ -226,7 +226,7 @@ def test_lse_alone_backpropagates(triton_on_cpu):
     """Only the lse output used (a z-loss with the loss discarded): the loss's gradient arrives as None."""
     import os
 
-    from cce_inductor.op import use_triton_on_cpu
+    from cce_inductor.select import use_triton_on_cpu
 
     if triton_on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
@@ -246,7 +246,7 @@ def test_frozen_weight_skips_its_gradient(triton_on_cpu, compiled):
     """A frozen lm-head (LoRA, frozen embeddings): d_hidden exact, no d_weight computed or returned."""
     import os
 
-    from cce_inductor.op import use_triton_on_cpu
+    from cce_inductor.select import use_triton_on_cpu
 
     if triton_on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")

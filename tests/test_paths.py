@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import cce_inductor
-from cce_inductor import config, fast_path
+from cce_inductor import config, select
 from cce_inductor.kernels.config import GPU_CONFIG
 from cce_inductor.kernels.device import (KNOWN_DEVICES, KernelDoesNotFit, SMEM_MARGIN, DeviceLimits, config_for,
                                          limits_from, tile_smem)
@@ -34,7 +34,7 @@ def test_model_shapes_take_the_fast_path_within_the_budget(name, fraction):
     assert choice.path == "fast" and choice.tokens_per_chunk >= config.fast_path_min_tokens_per_chunk, choice
     compile_peak = (N + V) * D * 2 + N * V * 2  # the gradients + the bf16 logits (measured: 5161 / 3070 MiB)
     assert peak_bytes(N, D, V, plan) <= fraction * compile_peak
-    assert plan.workspace_bytes == plan.tokens_per_chunk * V * 2 + remainder_bytes(V, D, plan.remainder)
+    assert plan.workspace_bytes == plan.tokens_per_chunk * V * 2 + remainder_bytes(V, D, plan.remainder, config.fold_slab_bytes)
     assert plan.n_chunks == -(-N // plan.tokens_per_chunk)
 
 
@@ -146,23 +146,24 @@ def test_limits_from_driver_values_and_table():
 
 
 def test_kernels_that_do_not_fit_fall_back_to_pytorch_with_a_log_line(monkeypatch, caplog):
-    """An OutOfResources from a Triton launch (or no tile fitting) runs the PyTorch path instead of failing."""
-    from cce_inductor import op as op_module
-    from cce_inductor.kernels import fast as fast_kernels
+    """An OutOfResources from a Triton launch (or no tile fitting) runs the PyTorch path instead of failing:
+    every Triton entry point of the selection (the low-memory forward and backward, the fast path) is made to
+    raise what a device without room raises."""
+    from triton.runtime.errors import OutOfResources
 
-    class OutOfResources(Exception):
-        pass
+    from cce_inductor import kernels, logging_
 
-    def no_fit(*a, **k):
-        raise OutOfResources("out of resource: shared memory, Required: 300000, Hardware limit: 101376")
+    def oor(*a, **k):
+        raise OutOfResources(300000, 101376, "shared memory")
 
-    from cce_inductor import logging_
+    def no_tile(*a, **k):
+        raise KernelDoesNotFit("no tile fits 8 KiB of shared memory per block")
 
     monkeypatch.setattr(logging_, "_warned", set())  # each fallback is logged once per process
-    monkeypatch.setattr(fast_kernels, "triton_fast_forward", no_fit)
-    monkeypatch.setattr(op_module, "_forward_impl", lambda h, for_backward=True: no_fit)
-    monkeypatch.setattr(op_module, "_backward_impl", lambda h: no_fit)
-    monkeypatch.setattr(fast_path, "_use_triton", lambda h: True)
+    monkeypatch.setattr(kernels, "triton_fast_forward", oor)
+    monkeypatch.setattr(kernels, "triton_forward", oor)
+    monkeypatch.setattr(kernels, "triton_backward", no_tile)
+    monkeypatch.setattr(select, "uses_triton", lambda h: True)
     h, w, b, t = make_inputs((14,), 8, 21, torch.float32, bias=True)
     with caplog.at_level(logging.WARNING, logger="cce_inductor"):
         loss = cce_inductor.linear_cross_entropy(h, w, t, bias=b, path="fast")

@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..core.dtypes import autocast_like_linear
 from . import vocab_parallel as _vp
-from ..api import _autocast_like_linear
-from .functional import local_vocab_parallel_loss
+from .local import local_vocab_parallel_loss
 
 PLAIN_HIDDEN_MESSAGE = (
     "weight is a DTensor sharded on the vocabulary (Shard(0)) but hidden is a plain tensor: that is ambiguous "
@@ -110,7 +110,7 @@ def dtensor_vocab_parallel_linear_cross_entropy(hidden, weight, targets, *, bias
     from torch.distributed.tensor import DTensor
 
     if apply_autocast:  # as F.linear under autocast: float64 is not cast
-        hidden, weight, bias = _autocast_like_linear(hidden, weight, bias)
+        hidden, weight, bias = autocast_like_linear(hidden, weight, bias)
     reason = unsupported_reason(hidden, weight, bias, targets, plain_hidden_ok=allow_plain_hidden)
     if reason is not None:
         raise TypeError(reason)

@@ -39,17 +39,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..chunked_torch import _target_status, per_row, through_epilogue_
+from ..core.dtypes import autocast_off, stat_dtype
 from ..options import LossOptions
+from ..torch_impl.common import per_row, target_status, through_epilogue_
 
 # Elements of one float32 logits chunk (token rows × V_local). On the CPU small chunks stay in cache;
 # on a GPU larger chunks keep the matmuls efficient (32M elements = 128 MiB of float32 logits).
 CHUNK_ELEMENTS = {"cpu": 2 * 2**20}
 DEFAULT_CHUNK_ELEMENTS = 32 * 2**20
-
-
-def _stat_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _rows_per_chunk(n: int, v_local: int, device: torch.device) -> int:
@@ -97,7 +94,7 @@ def _matmul_dtype(hidden: Tensor) -> torch.dtype:
     """16-bit inputs on an accelerator: matmuls in that dtype (tensor cores); otherwise the stat dtype."""
     if hidden.dtype in (torch.float16, torch.bfloat16) and hidden.device.type != "cpu":
         return hidden.dtype
-    return _stat_dtype(hidden)
+    return stat_dtype(hidden)
 
 
 def _local_logits(h: Tensor, w: Tensor, b: Optional[Tensor], opts: LossOptions, cd: torch.dtype,
@@ -124,14 +121,14 @@ def _local_logits(h: Tensor, w: Tensor, b: Optional[Tensor], opts: LossOptions, 
 def _target_masks(t: Tensor, vocab_size: int, ignore_index: int):
     """(valid, out_of_range) over the global vocabulary: out-of-range rows are neither valid nor ignored
     (their loss is NaN, as in the single-process op)."""
-    valid, bad, _ = _target_status(t, vocab_size, ignore_index)
+    valid, bad, _ = target_status(t, vocab_size, ignore_index)
     return valid, bad
 
 
 def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, vocab_start: int,
             vocab_size: int, pg: dist.ProcessGroup, opts: LossOptions) -> tuple[Tensor, Tensor]:
     n, v_local = hidden.shape[0], weight.shape[0]
-    cd, md = _stat_dtype(hidden), _matmul_dtype(hidden)
+    cd, md = stat_dtype(hidden), _matmul_dtype(hidden)
     start = _shard_start(pg, v_local, vocab_start, vocab_size)
     eps = opts.label_smoothing
     w = weight.to(md)
@@ -170,7 +167,7 @@ def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weig
              pg: dist.ProcessGroup, opts: LossOptions, need_d_hidden: bool = True, need_d_weight: bool = True):
     """(d_hidden [N, D] summed over the group | None, d_weight [V_local, D] | None, d_bias [V_local] | None)."""
     n, v_local = hidden.shape[0], weight.shape[0]
-    cd, md = _stat_dtype(hidden), _matmul_dtype(hidden)
+    cd, md = stat_dtype(hidden), _matmul_dtype(hidden)
     start = _shard_start(pg, v_local, vocab_start, vocab_size)
     eps = opts.label_smoothing
     w = weight.to(md)
@@ -215,15 +212,6 @@ def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weig
 # The custom ops and their autograd
 # ---------------------------------------------------------------------------------------------
 
-def _options(ignore_index, label_smoothing, softcap, logit_scale) -> LossOptions:
-    return LossOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
-                       logit_scale=logit_scale)
-
-
-def _autocast_off(t: Tensor):
-    return torch.autocast(t.device.type, enabled=False)
-
-
 @torch.library.custom_op("cce::vocab_parallel_forward", mutates_args=())
 def vocab_parallel_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                            vocab_start: int, vocab_size: int, group_name: str, ignore_index: int,
@@ -232,15 +220,15 @@ def vocab_parallel_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
     """Per-token (loss, lse) [N] over the whole vocabulary, equal on every rank of the group; float32
     (float64 for float64 inputs). ``weight``/``bias`` are this rank's rows; ``vocab_start = -1`` means the
     ``torch.chunk`` / DTensor ``Shard(0)`` layout by group rank."""
-    with _autocast_off(hidden):
+    with autocast_off(hidden):
         return forward(hidden, weight, bias, targets, vocab_start, vocab_size, resolve_group(group_name),
-                       _options(ignore_index, label_smoothing, softcap, logit_scale))
+                       LossOptions(ignore_index, label_smoothing, softcap, logit_scale))
 
 
 @vocab_parallel_forward.register_fake
 def _(hidden, weight, bias, targets, vocab_start, vocab_size, group_name, ignore_index, label_smoothing, softcap,
       logit_scale):
-    n, dtype = hidden.shape[0], _stat_dtype(hidden)
+    n, dtype = hidden.shape[0], stat_dtype(hidden)
     return hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype)
 
 
@@ -252,14 +240,14 @@ def vocab_parallel_backward(grad_loss: Optional[Tensor], grad_lse: Optional[Tens
                             need_d_hidden: bool, need_d_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(d_hidden summed over the group, local d_weight, local d_bias); an output not needed (or the bias
     gradient without a bias) is an empty tensor."""
-    stat = _stat_dtype(hidden)
+    stat = stat_dtype(hidden)
     if grad_loss is None:  # only the lse was used (a z-loss alone)
         grad_loss = hidden.new_zeros(hidden.shape[0], dtype=stat)
-    with _autocast_off(hidden):
+    with autocast_off(hidden):
         d_hidden, d_weight, d_bias = backward(
             grad_loss.to(stat), None if grad_lse is None else grad_lse.to(stat), hidden, weight, bias, targets,
             lse, vocab_start, vocab_size, resolve_group(group_name),
-            _options(ignore_index, label_smoothing, softcap, logit_scale), need_d_hidden=need_d_hidden,
+            LossOptions(ignore_index, label_smoothing, softcap, logit_scale), need_d_hidden=need_d_hidden,
             need_d_weight=need_d_weight)
     empty = hidden.new_empty(0)
     return (empty if d_hidden is None else d_hidden, empty if d_weight is None else d_weight,

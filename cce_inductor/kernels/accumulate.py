@@ -25,8 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..core.errors import is_triton_out_of_resources
+from ..logging_ import log
 from .common import to_rne
-from .config import Tile, cdiv
+from .device import TILES_16BIT, TILES_32BIT, tile_smem
+from .tiles import Tile, cdiv
 
 LO_NONE, LO_INT8, LO_FLOAT, LO_INT4 = 0, 1, 2, 3
 LO_MODES = {"none": LO_NONE, "int8": LO_INT8, "float": LO_FLOAT, "int4": LO_INT4}
@@ -185,8 +188,6 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor
     return torch.mm(a.float(), b.float(), out=out)
 
 
-from ..paths import fold_slab_rows  # noqa: E402,F401  (re-exported for the kernels)
-
 
 def accumulate_matmul_cublas(a: torch.Tensor, b: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor],
                              p_buf: torch.Tensor, *, first: bool, last: bool, lo_mode: str) -> None:
@@ -262,11 +263,9 @@ def accumulate_matmul(a: torch.Tensor, b: torch.Tensor, hi: torch.Tensor, lo: to
             _WORKING_TILE[key] = tile
             return
         except Exception as ex:  # noqa: BLE001 - Triton's OutOfResources: try the next smaller tile
-            smaller = _smaller_tile(tile, a.element_size()) if type(ex).__name__ == "OutOfResources" else None
+            smaller = _smaller_tile(tile, a.element_size()) if is_triton_out_of_resources(ex) else None
             if smaller is None:
                 raise
-            from ..logging_ import log
-
             log.info("cce_inductor: accumulate tile %s does not fit (%s); trying %s", tile, ex, smaller)
             tile = smaller
 
@@ -277,8 +276,6 @@ _WORKING_TILE: dict = {}
 
 
 def _smaller_tile(tile: Tile, elem_bytes: int) -> Optional[Tile]:
-    from .device import TILES_16BIT, TILES_32BIT, tile_smem
-
     size = tile_smem(tile, elem_bytes)
     for t in (TILES_32BIT if elem_bytes >= 4 else TILES_16BIT):
         if tile_smem(t, elem_bytes) < size and t.block_n % 2 == 0:

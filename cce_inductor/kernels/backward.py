@@ -21,13 +21,11 @@ import triton
 import triton.language as tl
 
 from ..options import LossOptions
-from .accumulate import accumulate_matmul, accumulate_matmul_cublas, fold_slab_rows, new_remainder
+from ..paths import fold_slab_rows
+from .accumulate import accumulate_matmul, accumulate_matmul_cublas, new_remainder
 from .common import logits_tile, to_rne
 from .config import KernelConfig, cdiv, chunk_width, pick_config
-from .launch import check_inputs, dot_precision
-
-# cce_inductor.config.low_memory_dhidden: how d_hidden is accumulated over vocabulary chunks (see config.py).
-LOW_MEMORY_DHIDDEN = ("triton", "cublas_fold", "cublas_fp32")
+from .launch import check_kernel_inputs, dot_precision
 
 
 @triton.heuristics({
@@ -104,7 +102,7 @@ def triton_backward(
 
 
 def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, config, need_d_weight):
-    check_inputs(hidden, weight, bias, targets)
+    check_kernel_inputs(hidden, weight, bias, targets)
     N, D = hidden.shape
     V = weight.shape[0]
     dev, dtype = hidden.device, hidden.dtype
@@ -115,11 +113,6 @@ def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, con
         return (d_hidden, None if d_weight is None else d_weight.zero_(),
                 d_bias32.zero_().to(bias.dtype) if bias is not None else None)
     cfg = config if config is not None else pick_config(N, D, V, dtype, dev)
-    from .. import config as cce_config
-
-    if cce_config.low_memory_dhidden not in LOW_MEMORY_DHIDDEN:
-        raise ValueError(f"config.low_memory_dhidden must be one of {LOW_MEMORY_DHIDDEN}, got "
-                         f"{cce_config.low_memory_dhidden!r}")
     targets = targets.contiguous()
     lse = lse.contiguous()
     grad_loss = grad_loss.to(torch.float32).contiguous()
@@ -135,19 +128,16 @@ def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, con
     # ("none" drops the remainder: lossy, kept only to show in tests what the remainder buys.)
     lo_mode = "none" if (dtype == torch.float32 or n_chunks == 1 or cfg.dhidden_remainder == "none") else (
         cfg.dhidden_remainder)
-    # Variant (config.low_memory_dhidden == "cublas_fp32", CUDA only): cuBLAS accumulates d_hidden into an
+    # Variant (cfg.dhidden_scheme == "cublas_fp32", CUDA only): cuBLAS accumulates d_hidden into an
     # fp32 [N, D] buffer (N*D*4 bytes instead of the remainder's N*D), rounded once at the end.
     acc32 = None
-    if lo_mode != "none" and dev.type == "cuda":
-        if cce_config.low_memory_dhidden == "cublas_fp32":
-            acc32 = torch.empty((N, D), device=dev, dtype=torch.float32)
-            lo_mode = "none"
+    if lo_mode != "none" and dev.type == "cuda" and cfg.dhidden_scheme == "cublas_fp32":
+        acc32 = torch.empty((N, D), device=dev, dtype=torch.float32)
+        lo_mode = "none"
     d_hidden_lo = new_remainder(N, D, lo_mode, dtype, dev) if lo_mode != "none" else None
-    p_buf = None  # config.low_memory_dhidden == "cublas_fold": cuBLAS float32 products folded into hi + lo
-    if lo_mode != "none":
-        if cce_config.low_memory_dhidden == "cublas_fold":
-            p_buf = torch.empty((min(N, fold_slab_rows(D, cce_config.fold_slab_bytes)), D), device=dev,
-                                dtype=torch.float32)
+    p_buf = None  # cfg.dhidden_scheme == "cublas_fold": cuBLAS float32 products folded into hi + lo
+    if lo_mode != "none" and cfg.dhidden_scheme == "cublas_fold":
+        p_buf = torch.empty((min(N, fold_slab_rows(D, cfg.fold_slab_bytes)), D), device=dev, dtype=torch.float32)
     eps = float(opts.label_smoothing)
     prec = dot_precision(cfg, dtype)
     td, th = cfg.draw, cfg.dhidden

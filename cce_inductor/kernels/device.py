@@ -16,13 +16,10 @@ from typing import Optional
 
 import torch
 
-from .config import GPU_CONFIG, KernelConfig, Tile
+from ..core.errors import KernelDoesNotFit
+from .tiles import GPU_CONFIG, KernelConfig, Tile
 
 KiB = 1024
-
-
-class KernelDoesNotFit(RuntimeError):
-    """No tile configuration fits this device's shared memory (the op then uses its PyTorch path)."""
 
 
 @dataclass(frozen=True)

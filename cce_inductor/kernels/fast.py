@@ -10,7 +10,7 @@ Per chunk of Nc tokens (``X_c = hidden[s:e]``):
      what eager does.
   3. ``d_hidden[s:e] = G @ W`` by cuBLAS, written once.
   4. ``d_weight += G^T @ X_c`` into a 16-bit hi + int8/int4 remainder (so the fp32 sum is kept across
-     chunks), by ``config.fast_path_weight_accumulate``: cuBLAS float32 products of a vocabulary slab
+     chunks), as ``KernelConfig.weight_accumulate`` says: cuBLAS float32 products of a vocabulary slab
      folded into hi/lo (``accumulate_matmul_cublas``, the CUDA default) or one Triton matmul with the fold
      in its epilogue (``accumulate_matmul``); cuBLAS addmm for fp32, a plain cuBLAS matmul for one chunk.
   5. ``d_bias += G.sum(0)`` in fp32.
@@ -27,11 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..core.reduce import reduce_loss, reduction_weight
 from ..options import LossOptions
-from .accumulate import accumulate_matmul, accumulate_matmul_cublas, fold_slab_rows, new_remainder
+from ..paths import fold_slab_rows
+from .accumulate import accumulate_matmul, accumulate_matmul_cublas, new_remainder
 from .common import tanh_f32, to_rne
 from .config import KernelConfig, pick_config
-from .launch import dot_precision
+from .launch import check_kernel_inputs, dot_precision
 
 
 @triton.jit
@@ -131,18 +133,6 @@ def _rows(z, bias_in_kernel, targets, coef, loss, lse, opts: LossOptions, cfg: K
     )
 
 
-def _check(hidden, weight, bias, targets):
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [N, D] and weight [V, D], got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32) or weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden and weight must share one 16/32-bit float dtype, got {hidden.dtype}, {weight.dtype}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or not bias.dtype.is_floating_point):
-        raise ValueError(f"bias must be [V] floating point, got {tuple(bias.shape)} {bias.dtype}")
-    if targets.shape != (hidden.shape[0],) or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be [N] int64/int32, got {tuple(targets.shape)} {targets.dtype}")
-
-
 def _logits_into(out, x, weight, bias_mm):
     if bias_mm is not None:
         torch.addmm(bias_mm, x, weight.t(), out=out)
@@ -173,9 +163,7 @@ def triton_fast_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
 
 def _fast_forward(hidden, weight, bias, targets, opts, reduction, tokens_per_chunk, remainder,
                   need_d_hidden, need_d_weight, need_d_bias, config):
-    _check(hidden, weight, bias, targets)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"the fast path computes a 'mean' or 'sum' loss, got {reduction!r}")
+    check_kernel_inputs(hidden, weight, bias, targets)
     N, D = hidden.shape
     V = weight.shape[0]
     dev, dtype = hidden.device, hidden.dtype
@@ -188,16 +176,11 @@ def _fast_forward(hidden, weight, bias, targets, opts, reduction, tokens_per_chu
     d_hidden = torch.empty((N, D), device=dev, dtype=dtype) if need_d_hidden else None
     d_weight = torch.empty((V, D), device=dev, dtype=weight.dtype) if need_d_weight else None
     d_bias = torch.zeros(V, device=dev, dtype=torch.float32) if need_d_bias else None
-    count = (targets != opts.ignore_index).sum()
-    if reduction == "mean":
-        coef = (1.0 / count.clamp_min(1).to(torch.float32)).reshape(1)
-    else:
-        coef = torch.ones(1, device=dev, dtype=torch.float32)
+    coef = reduction_weight(targets, opts.ignore_index, reduction, torch.float32).reshape(1)
     if N == 0:
         if d_weight is not None:
             d_weight.zero_()
-        loss = loss_rows.sum() / count if reduction == "mean" else loss_rows.sum()
-        return loss, d_hidden, d_weight, d_bias
+        return reduce_loss(loss_rows, targets, opts.ignore_index, reduction, None), d_hidden, d_weight, d_bias
 
     nc = max(1, min(int(tokens_per_chunk), N))
     n_chunks = -(-N // nc)
@@ -206,12 +189,9 @@ def _fast_forward(hidden, weight, bias, targets, opts, reduction, tokens_per_chu
     if lo_mode not in ("none", "int8", "int4", "float"):
         raise ValueError(f"unknown remainder format {remainder!r}")
     lo = new_remainder(V, D, lo_mode, dtype, dev) if (d_weight is not None and lo_mode != "none") else None
-    p_buf = None  # the cuBLAS + fold scheme's float32 product slab (see weight_accumulate_scheme)
-    if lo is not None and weight_accumulate_scheme(dev) == "cublas_fold":
-        from .. import config as cce_config
-
-        p_buf = torch.empty((min(V, fold_slab_rows(D, cce_config.fold_slab_bytes)), D), device=dev,
-                            dtype=torch.float32)
+    p_buf = None  # the cuBLAS + fold scheme's float32 product slab (cfg.weight_accumulate)
+    if lo is not None and cfg.weight_accumulate == "cublas_fold":
+        p_buf = torch.empty((min(V, fold_slab_rows(D, cfg.fold_slab_bytes)), D), device=dev, dtype=torch.float32)
     z_buf = torch.empty((nc, V), device=dev, dtype=dtype)
     prec = dot_precision(cfg, dtype)
     for i in range(n_chunks):
@@ -236,24 +216,7 @@ def _fast_forward(hidden, weight, bias, targets, opts, reduction, tokens_per_chu
                                   n_fastest=cfg.dhidden_d_fastest)
         if d_bias is not None:
             d_bias += z.sum(dim=0, dtype=torch.float32)
-    loss = loss_rows.sum()
-    if reduction == "mean":
-        loss = loss / count
-    return loss, d_hidden, d_weight, d_bias
-
-
-def weight_accumulate_scheme(device) -> str:
-    """How the fast path adds each chunk's d_weight into the 16-bit accumulator
-    (``config.fast_path_weight_accumulate``): "triton" (one Triton matmul with the fold in its epilogue)
-    or "cublas_fold" (cuBLAS float32 products of a vocabulary slab, folded in by an elementwise pass)."""
-    from .. import config as cce_config
-
-    scheme = cce_config.fast_path_weight_accumulate
-    if scheme == "auto":
-        return "cublas_fold" if torch.device(device).type == "cuda" else "triton"
-    if scheme not in ("triton", "cublas_fold"):
-        raise ValueError(f"fast_path_weight_accumulate must be 'auto', 'triton' or 'cublas_fold', got {scheme!r}")
-    return scheme
+    return reduce_loss(loss_rows, targets, opts.ignore_index, reduction, None), d_hidden, d_weight, d_bias
 
 
 def triton_chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -262,7 +225,7 @@ def triton_chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
     """(loss [N] fp32, lse [N] fp32) like ``triton_forward``, computed as cuBLAS logits per token chunk
     (``chunk_bytes`` of them, or ``tokens_per_chunk``) + the row kernel. For the forward without grad."""
     with torch.no_grad():
-        _check(hidden, weight, bias, targets)
+        check_kernel_inputs(hidden, weight, bias, targets)
         N, D = hidden.shape
         V = weight.shape[0]
         dev, dtype = hidden.device, hidden.dtype

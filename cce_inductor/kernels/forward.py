@@ -17,7 +17,7 @@ import triton.language as tl
 from ..options import LossOptions
 from .common import logits_tile
 from .config import KernelConfig, cdiv, forward_splits, pick_config
-from .launch import check_inputs, dot_precision
+from .launch import check_kernel_inputs, dot_precision
 
 
 @triton.heuristics({
@@ -120,7 +120,7 @@ def triton_forward(
     config: Optional[KernelConfig] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss [N] fp32, lse [N] fp32); see cce_inductor.kernels for the contract."""
-    check_inputs(hidden, weight, bias, targets)
+    check_kernel_inputs(hidden, weight, bias, targets)
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device

@@ -1,30 +1,24 @@
-"""Host-side helpers shared by the forward and backward wrappers (validation, dot precision)."""
+"""Host-side helpers shared by the kernels' wrappers: the entry check and the tl.dot precision."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from .config import KernelConfig
+from ..core.checks import check_inputs
+from .tiles import KernelConfig
 
-FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The dtypes the Triton kernels take (float64 runs the PyTorch implementation).
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 targets: torch.Tensor) -> None:
-    """Shape/dtype checks only (no data-dependent checks: no host synchronisation)."""
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [N, D] and weight [V, D], got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden and weight must share one dtype in {FLOAT_DTYPES}, got {hidden.dtype} "
-                        f"and {weight.dtype}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype not in (hidden.dtype, torch.float32)):
-        raise ValueError(f"bias must be [V] in {hidden.dtype} or float32, got {tuple(bias.shape)} {bias.dtype}")
-    if targets.shape != (hidden.shape[0],) or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be [N] int64/int32, got {tuple(targets.shape)} {targets.dtype}")
-    if weight.shape[0] == 0:
-        raise ValueError("vocabulary size V must be >= 1")
+def check_kernel_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        targets: torch.Tensor) -> None:
+    """The op's one input check in its flat form (hidden [N, D], targets [N] int32/int64), plus the dtypes
+    the kernels take. Metadata only: no host synchronisation."""
+    check_inputs(hidden, weight, targets, bias, flat=True)
+    if hidden.dtype not in TRITON_DTYPES:
+        raise TypeError(f"the Triton kernels take {TRITON_DTYPES}, got {hidden.dtype}")
 
 
 def dot_precision(cfg: KernelConfig, dtype: torch.dtype) -> str:

@@ -26,8 +26,8 @@ writes to the logits, hidden states, weight or bias between the matmul and the l
 or torch.func transforms. Emitting the plan replays the layout steps on ``hidden`` (with ``D`` in place
 of ``V``; the linear is row-wise so rows map to rows) and replaces the loss node by::
 
-    _linear_cross_entropy(hidden', weight, target, bias=b, ignore_index=..., reduction=...,
-                          label_smoothing=..., softcap=s, logit_scale=a)
+    dispatch.linear_cross_entropy(hidden', weight, target, bias=b, ignore_index=..., reduction=...,
+                                  label_smoothing=..., softcap=s, logit_scale=a, path=...)
 
 (the public ``linear_cross_entropy`` without its autocast casts: the plan chose the dtypes).
 A ``torch.logsumexp(z, -1)`` of the same logits (a z-loss) is served by the op's lse output. Nodes
@@ -44,6 +44,7 @@ The package, one job per module:
 ``regions``         the grad modes, autocast regions and torch.func transforms nodes run under
 ``mutation``        which tensors a node writes (from op schemas) and which nodes share memory
 ``zloss``           ``torch.logsumexp`` (z-loss) terms served by the op's lse output
+``dtensor_hook``    a vocabulary-sharded DTensor lm-head: the vocabulary-parallel call instead
 ``plan``            every decision and every check that can refuse, before the graph is touched
 ``emit``            carrying out a plan as one transaction (undone on failure)
 ``records``         what the pass reports: ``Rewrite``, ``MissRecord``, ``PassResult``

@@ -15,6 +15,8 @@ from typing import Any, Optional
 import torch
 from torch.fx import Graph, Node
 
+from .. import dispatch
+from .dtensor_hook import fake_mode_of
 from .fx_util import _call, _dtype, _shape, _val, location
 from .match import Miss
 from .mutation import PURE_CALLABLES
@@ -26,18 +28,14 @@ from .steps import Step, StepKind
 
 def op_target():
     """The callable the rewrite inserts: the public op minus autocast (the plan already chose the dtypes)."""
-    from ..api import _linear_cross_entropy
-
-    PURE_CALLABLES.add(_linear_cross_entropy)  # it writes none of its inputs
-    return _linear_cross_entropy
+    PURE_CALLABLES.add(dispatch.linear_cross_entropy)  # it writes none of its inputs
+    return dispatch.linear_cross_entropy
 
 
 def _fake_eval(node: Node) -> None:
     """Set ``meta['example_value']`` of a node we inserted by running it on its inputs' fake values.
     Raises what the call raises: that is how the op's own checks run at rewrite time."""
     from torch._guards import detect_fake_mode
-
-    from ..distributed.rewrite_hook import fake_mode_of
 
     def conv(a):
         return torch.fx.node.map_arg(a, _val)
@@ -148,7 +146,7 @@ def _emit_nodes(emit: _Emitter, plan: Plan) -> tuple[Node, list]:
     if plan.lse_users:
         kwargs["return_lse"] = True
     target = op_target()
-    if m.parallel is not None:  # a vocabulary-sharded DTensor lm-head (cce_inductor.distributed.rewrite_hook)
+    if m.parallel is not None:  # a vocabulary-sharded DTensor lm-head (rewrite/dtensor_hook.py)
         kwargs.pop("path")
         kwargs.update(m.parallel.kwargs)
         target = m.parallel.target

@@ -9,7 +9,7 @@ from torch.fx import Node
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .fx_util import _bind, _call, _describe, _dtype, _is_number, _last_dim, _norm_dim, _shape, _val
-from ..distributed.rewrite_hook import value_preserving_source
+from .dtensor_hook import NotParallelizable, plan_parallel, value_preserving_source
 from .spellings import (
     _CE_FNS,
     _CE_SIG,
@@ -44,7 +44,7 @@ class Match:
     steps: list  # from the loss upwards
     V: Any  # int, or a SymInt under dynamic shapes
     D: Any
-    parallel: Any = None  # a distributed.rewrite_hook.ParallelCall for a vocabulary-sharded DTensor lm-head
+    parallel: Any = None  # a dtensor_hook.ParallelCall for a vocabulary-sharded DTensor lm-head
 
     @property
     def order(self) -> list:
@@ -160,8 +160,6 @@ def match_loss(loss: Node) -> Match:
 
 def _plan_parallel(mm: Matmul, target: Node, steps: list, loss: Node):
     """Tensor-subclass (DTensor) inputs: the vocabulary-parallel call, or a miss with the reason."""
-    from ..distributed.rewrite_hook import NotParallelizable, plan_parallel
-
     weight = mm.weight if mm.weight is not None else mm.weight_t
     bias = mm.bias if mm.bias is not None else next((st.value for st in steps if st.kind is StepKind.BIAS), None)
     if mm.weight is None and is_traceable_wrapper_subclass(_val(weight)):

@@ -30,7 +30,9 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
+from .. import config
 from ..options import LossOptions
+from ..paths import choose_path
 from .fx_util import _dtype, _same_size, _shape, _val, location
 from .match import Match, Miss
 from .mutation import callee_name, may_share_memory, observed_for_grad, storages, writes
@@ -55,7 +57,7 @@ class Plan:
 
 
 def stat_dtype(compute: torch.dtype) -> torch.dtype:
-    """The op's arithmetic dtype for a given input dtype (as ``chunked_torch.stat_dtype``)."""
+    """The op's arithmetic dtype for a given input dtype (as ``core.dtypes.stat_dtype``)."""
     return torch.float64 if compute == torch.float64 else torch.float32
 
 
@@ -290,9 +292,6 @@ def _plan_path(m: Match, regions: Regions, compute: torch.dtype, lse_users: list
     the graph, and of every cache key), or "low_memory" inside an activation-checkpointed region: that code
     runs again in the backward, and the fast path would form the gradients twice. The expected path is
     ``paths.choose_path`` at the traced sizes (the op decides again from the real sizes when it runs)."""
-    from .. import config
-    from ..paths import choose_path
-
     if recomputed:
         return "low_memory", "low_memory", "inside an activation-checkpointed region (recomputed in the backward)"
     grad_on = regions.grad.get(m.loss, torch.is_grad_enabled())

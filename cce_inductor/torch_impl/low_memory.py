@@ -1,7 +1,8 @@
-"""The op on any device in plain PyTorch: exact, with memory bounded by a token chunk × vocabulary.
+"""The low-memory op in plain PyTorch, on any device: exact, memory bounded by a token chunk × vocabulary.
 
-This is the CPU path (and the fallback for dtypes the Triton kernels do not take, e.g. float64). It
-follows the same contract as the Triton kernels in ``cce_inductor.kernels``:
+This is the CPU implementation (and the one for dtypes the Triton kernels do not take, e.g. float64, and
+where they do not fit the device). Same contract as the Triton kernels (``kernels.triton_forward`` /
+``kernels.triton_backward``):
 
     forward(hidden [N, D], weight [V, D], bias [V] | None, targets [N], opts) -> (loss [N], lse [N]; float32, float64 for float64 inputs)
     backward(grad_loss [N], grad_lse [N] | None, hidden, weight, bias, targets, lse, opts)
@@ -11,8 +12,8 @@ follows the same contract as the Triton kernels in ``cce_inductor.kernels``:
 
 bias may be float32 with 16-bit hidden/weight (it is added in float32).
 
-Logits exist only one token chunk at a time. Arithmetic is float32 (float64 for float64 inputs) from
-the matmul on, so the result is at least as exact as eager PyTorch's.
+Logits exist only one token chunk at a time (``common.rows_per_chunk``); arithmetic is float32 (float64 for
+float64 inputs) from the matmul on, so the result is at least as exact as eager PyTorch's.
 """
 from __future__ import annotations
 
@@ -21,57 +22,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .options import LossOptions
-
-# Elements of one float32 logits chunk (rows × V): 2M elements = 8 MiB, small enough to stay in the CPU's
-# caches between the in-place passes (measured 4x faster than 32 MiB chunks at N=2048, V=32768, D=64).
-CHUNK_ELEMENTS = 2 * 2**20
-
-
-def stat_dtype(t: Tensor) -> torch.dtype:
-    """Arithmetic dtype of the op, and the dtype of its per-token loss and lse: float64 for float64
-    inputs, else float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _rows_per_chunk(n: int, v: int) -> int:
-    return max(1, min(n, CHUNK_ELEMENTS // max(v, 1)))
-
-
-def _logits(h: Tensor, w: Tensor, b: Optional[Tensor], opts: LossOptions) -> tuple[Tensor, Optional[Tensor]]:
-    """z = softcap(scale * (h @ w.T + b)); also returns tanh(.) for the softcap derivative (None without softcap).
-
-    In-place epilogue: on the CPU these passes over a chunk cost as much as the matmul itself.
-    """
-    z = h @ w.T if b is None else torch.addmm(b, h, w.T)
-    if opts.logit_scale != 1.0:
-        z.mul_(opts.logit_scale)
-    if opts.softcap is None:
-        return z, None
-    th = z.div_(opts.softcap).tanh_()
-    return th * opts.softcap, th
-
-
-def through_epilogue_(dz: Tensor, th: Optional[Tensor], opts: LossOptions) -> Tensor:
-    """d(loss)/d(logits) -> d(loss)/d(raw logits), in place: times 1 - tanh^2 for the softcap (``th`` is the
-    tanh ``_logits`` returned; it is consumed), times the logit scale."""
-    if th is not None:
-        dz.mul_(th.mul_(th).neg_().add_(1))
-    if opts.logit_scale != 1.0:
-        dz.mul_(opts.logit_scale)
-    return dz
-
-
-def per_row(x: Tensor, valid: Tensor, bad: Tensor) -> Tensor:
-    """``x`` on valid rows, 0 on ignored rows, NaN on rows whose target is out of range (as the op's loss)."""
-    return torch.where(bad, torch.full_like(x, float("nan")), torch.where(valid, x, torch.zeros_like(x)))
-
-
-def _target_status(t: Tensor, v: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(valid, out_of_range, clamped index): valid rows are in [0, V); ignored rows are neither."""
-    ignored = t == ignore_index
-    in_range = (t >= 0) & (t < v)
-    return in_range & ~ignored, ~in_range & ~ignored, t.clamp(0, max(v - 1, 0))
+from ..core.dtypes import stat_dtype
+from ..options import LossOptions
+from .common import logits_chunk, per_row, rows_per_chunk, target_status, through_epilogue_
 
 
 def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, opts: LossOptions):
@@ -82,11 +35,11 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
     loss = torch.empty(n, dtype=cd, device=hidden.device)
     lse = torch.empty(n, dtype=cd, device=hidden.device)
     eps = opts.label_smoothing
-    step = _rows_per_chunk(n, v)
+    step = rows_per_chunk(n, v)
     for s in range(0, n, step):
         e = min(n, s + step)
-        z, _ = _logits(hidden[s:e].to(cd), w, b, opts)
-        valid, bad, idx = _target_status(targets[s:e], v, opts.ignore_index)
+        z, _ = logits_chunk(hidden[s:e].to(cd), w, b, opts)
+        valid, bad, idx = target_status(targets[s:e], v, opts.ignore_index)
         target_z = z.gather(1, idx[:, None]).squeeze(1)
         mean_z = z.mean(dim=-1) if eps else None
         row_max = z.amax(dim=-1, keepdim=True)
@@ -109,12 +62,12 @@ def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weig
     d_weight = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_d_weight else None
     d_bias = None if bias is None else torch.zeros(v, dtype=cd, device=weight.device)
     eps = opts.label_smoothing
-    step = _rows_per_chunk(n, v)
+    step = rows_per_chunk(n, v)
     for s in range(0, n, step):
         e = min(n, s + step)
         h = hidden[s:e].to(cd)
-        z, th = _logits(h, w, b, opts)
-        valid, bad, idx = _target_status(targets[s:e], v, opts.ignore_index)
+        z, th = logits_chunk(h, w, b, opts)
+        valid, bad, idx = target_status(targets[s:e], v, opts.ignore_index)
         # g: weight of the loss term per row (0 on ignored rows; NaN propagates from out-of-range rows).
         g = per_row(grad_loss[s:e].to(cd), valid, bad)
         row_weight = g if grad_lse is None else g + grad_lse[s:e].to(cd)
@@ -146,7 +99,7 @@ def jvp(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
     t_loss = torch.zeros(n, dtype=cd, device=hidden.device)
     t_lse = torch.zeros(n, dtype=cd, device=hidden.device)
     eps = opts.label_smoothing
-    step = _rows_per_chunk(n, v)
+    step = rows_per_chunk(n, v)
     for s in range(0, n, step):
         e = min(n, s + step)
         h = hidden[s:e].to(cd)
@@ -157,13 +110,13 @@ def jvp(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
             du += h @ tw.T
         if tb is not None:
             du += tb
-        z, th = _logits(h, w, b, opts)
+        z, th = logits_chunk(h, w, b, opts)
         dz = du.mul_(opts.logit_scale)
         if th is not None:
             dz.mul_(1 - th * th)
         p = z.sub_(lse[s:e, None].to(cd)).exp_()
         d_lse = (p * dz).sum(dim=-1)
-        valid, bad, idx = _target_status(targets[s:e], v, opts.ignore_index)
+        valid, bad, idx = target_status(targets[s:e], v, opts.ignore_index)
         d_loss = (1 - eps) * (d_lse - dz.gather(1, idx[:, None]).squeeze(1))
         if eps:
             d_loss = d_loss + eps * (d_lse - dz.mean(dim=-1))

@@ -14,8 +14,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .chunked_torch import _logits, _rows_per_chunk, _target_status, per_row, stat_dtype, through_epilogue_
-from .options import LossOptions
+from ..core.dtypes import stat_dtype
+from ..core.reduce import reduce_loss, reduction_weight
+from ..options import LossOptions
+from .common import logits_chunk, per_row, rows_per_chunk, target_status, through_epilogue_
 
 
 def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, opts: LossOptions,
@@ -23,26 +25,23 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
             tokens_per_chunk: Optional[int] = None):
     """(loss 0-d [stat dtype], d_hidden [N, D] input dtype | None, d_weight [V, D] | None,
     d_bias [V] stat dtype | None)."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"the fast path computes a 'mean' or 'sum' loss, got {reduction!r}")
     n, v = hidden.shape[0], weight.shape[0]
     cd = stat_dtype(hidden)
     dev = hidden.device
     w = weight.to(cd)
     b = None if bias is None else bias.to(cd)
     eps = opts.label_smoothing
-    count = (targets != opts.ignore_index).sum()
-    coef = 1.0 / count.clamp_min(1).to(cd) if reduction == "mean" else torch.ones((), dtype=cd, device=dev)
+    coef = reduction_weight(targets, opts.ignore_index, reduction, cd)
     d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_d_hidden else None
     d_weight = torch.zeros(weight.shape, dtype=cd, device=dev) if need_d_weight else None
     d_bias = torch.zeros(v, dtype=cd, device=dev) if (need_d_bias and bias is not None) else None
-    total = torch.zeros((), dtype=cd, device=dev)
-    step = tokens_per_chunk or _rows_per_chunk(n, v)
+    loss_rows = torch.empty(n, dtype=cd, device=dev)
+    step = tokens_per_chunk or rows_per_chunk(n, v)
     for s in range(0, n, step):
         e = min(n, s + step)
         h = hidden[s:e].to(cd)
-        z, th = _logits(h, w, b, opts)
-        valid, bad, idx = _target_status(targets[s:e], v, opts.ignore_index)
+        z, th = logits_chunk(h, w, b, opts)
+        valid, bad, idx = target_status(targets[s:e], v, opts.ignore_index)
         target_z = z.gather(1, idx[:, None]).squeeze(1)
         mean_z = z.mean(dim=-1) if eps else None
         row_max = z.amax(dim=-1, keepdim=True)
@@ -53,7 +52,7 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
         nll = lse - target_z
         if eps:
             nll = (1 - eps) * nll + eps * (lse - mean_z)
-        total = total + per_row(nll, valid, bad).sum()
+        loss_rows[s:e] = per_row(nll, valid, bad)
         g = per_row(coef.expand(e - s), valid, bad)  # the row weight
         dz = p.div_(sum_exp[:, None]).mul_(g[:, None])  # softmax * row weight, in place
         dz.scatter_add_(1, idx[:, None], (-(1 - eps) * g)[:, None])
@@ -66,5 +65,5 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
             d_weight += dz.T @ h
         if d_bias is not None:
             d_bias += dz.sum(dim=0)
-    loss = total / count if reduction == "mean" else total
+    loss = reduce_loss(loss_rows, targets, opts.ignore_index, reduction, None)
     return loss, d_hidden, None if d_weight is None else d_weight.to(weight.dtype), d_bias

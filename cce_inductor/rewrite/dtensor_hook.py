@@ -41,6 +41,11 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch.fx import Node
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from ..core.checks import is_dtensor as _is_dtensor
+from ..distributed.dtensor import (dtensor_vocab_parallel_linear_cross_entropy, mesh_group_name, real_mesh,
+                                   unsupported_reason)
 
 
 class NotParallelizable(Exception):
@@ -51,12 +56,6 @@ def _val(node: Any) -> Any:
     if not isinstance(node, Node):
         return node
     return node.meta.get("example_value", node.meta.get("val"))
-
-
-def _is_dtensor(v: Any) -> bool:
-    from .functional import _is_dtensor as is_dtensor
-
-    return is_dtensor(v)
 
 
 def _replicated(v: Any) -> bool:
@@ -102,8 +101,6 @@ def fake_mode_of(values) -> Any:
     """The fake mode of the first fake tensor among ``values``, looking inside tensor subclasses (a fake
     DTensor has no ``fake_mode`` of its own: its local tensor has). ``torch._guards.detect_fake_mode`` does
     not look inside them and may return another mode (``Mixing fake modes NYI`` when the node runs)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     for x in values:
         if is_traceable_wrapper_subclass(x):
             mode = fake_mode_of([getattr(x, attr) for attr in x.__tensor_flatten__()[0]])
@@ -126,8 +123,6 @@ def rewrite_call(hidden, weight, targets, *, group_name: str, dtensor_output: bo
                  softcap: Optional[float] = None, logit_scale: float = 1.0, return_lse: bool = False):
     """The callable the rewrite inserts for a vocabulary-sharded DTensor lm-head (no autocast casts: the
     rewrite has already chosen the dtypes; the group is named so nothing about it is traced)."""
-    from .dtensor import dtensor_vocab_parallel_linear_cross_entropy
-
     return dtensor_vocab_parallel_linear_cross_entropy(
         hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale, return_lse=return_lse,
@@ -138,8 +133,6 @@ def plan_parallel(hidden: Any, weight: Any, bias: Any, target: Any, loss: Any) -
     """``None`` when none of the matched values is a DTensor; a :class:`ParallelCall` for a vocabulary-sharded
     lm-head; raises :class:`NotParallelizable` (message = the miss reason) for any other tensor subclass.
     ``loss``: the loss node replaced (its value's type, DTensor or not, is what the call returns)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     vals = {"hidden": _val(hidden), "weight": _val(weight), "bias": _val(bias), "target": _val(target)}
     subclassed = {k: v for k, v in vals.items() if v is not None and is_traceable_wrapper_subclass(v)}
     if not subclassed:
@@ -148,8 +141,6 @@ def plan_parallel(hidden: Any, weight: Any, bias: Any, target: Any, loss: Any) -
     if others:
         raise NotParallelizable(f"{', '.join(others)} is a tensor subclass other than DTensor: the op takes plain "
                                 "tensors or a vocabulary-sharded DTensor lm-head")
-    from .dtensor import mesh_group_name, real_mesh, unsupported_reason
-
     reason = unsupported_reason(vals["hidden"], vals["weight"], vals["bias"], vals["target"])
     if reason is not None:
         raise NotParallelizable(reason)
