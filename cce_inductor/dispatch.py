@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import config, ops
 from .core.checks import check_inputs, check_target_range, is_tracing
@@ -37,8 +38,6 @@ def needs_transformable_op(*tensors: Optional[Tensor]) -> bool:
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
-    from torch.autograd import forward_ad
-
     if getattr(forward_ad, "_current_level", -1) >= 0:
         return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
     return False

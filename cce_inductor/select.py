@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .core.dtypes import stat_dtype
+from .core.dtypes import TRITON_DTYPES, stat_dtype
 from .core.errors import kernel_does_not_fit
 from .core.reduce import reduce_loss, reduction_weight
 from .core.settings import Settings
@@ -33,8 +33,6 @@ from .paths import plan_fast
 from .torch_impl import fast as torch_fast
 from .torch_impl import low_memory as torch_low_memory
 
-# The dtypes the Triton kernels take (float64 runs the PyTorch implementation).
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _triton_on_cpu = False
 
 
@@ -53,12 +51,17 @@ def uses_triton(hidden: Tensor) -> bool:
     return hidden.dtype in TRITON_DTYPES and (hidden.is_cuda or _triton_on_cpu)
 
 
+def _kernels():
+    """The Triton kernels: triton is an optional dependency, imported only where the kernels run."""
+    from . import kernels
+
+    return kernels
+
+
 def kernel_config(hidden: Tensor, weight: Tensor, settings: Settings):
     """The kernels' configuration for this problem and device, with the config's scheme choices resolved.
     Raises KernelDoesNotFit where no tile fits the device."""
-    from .kernels.config import pick_config  # triton is optional: imported only where it runs
-
-    cfg = pick_config(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.dtype, hidden.device)
+    cfg = _kernels().pick_config(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.dtype, hidden.device)
     cfg = cfg.with_(dhidden_scheme=settings.low_memory_dhidden, fold_slab_bytes=settings.fold_slab_bytes)
     if settings.fast_path_weight_accumulate != "auto":  # "auto": the device's default (GPU_CONFIG, INTERPRETER_CONFIG)
         cfg = cfg.with_(weight_accumulate=settings.fast_path_weight_accumulate)
@@ -82,8 +85,7 @@ def _triton_low_memory_forward(hidden, weight, bias, targets, opts, for_backward
     this lse (its fp32 logits are the ones the backward recomputes, so softmax sums to 1 exactly there: with
     the chunked forward's bf16 logits the low-memory gradients were 1.3x eager's error on an H200), the
     chunked one (cuBLAS logits + row kernel: torch.compile's speed) for a forward without gradient on CUDA."""
-    from . import kernels
-
+    kernels = _kernels()
     cfg = kernel_config(hidden, weight, settings)
     choice = settings.forward_kernel
     if choice == "auto":
@@ -96,9 +98,7 @@ def _triton_low_memory_forward(hidden, weight, bias, targets, opts, for_backward
 
 def _triton_low_memory_backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, need_d_weight,
                                 settings: Settings):
-    from . import kernels
-
-    return kernels.triton_backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts,
+    return _kernels().triton_backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts,
                                    config=kernel_config(hidden, weight, settings), need_d_weight=need_d_weight)
 
 
@@ -175,9 +175,7 @@ def fast_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
         if plan is None:
             return _low_memory_in_forward(hidden, weight, bias, targets, opts, reduction, need_d_hidden,
                                           need_d_weight, True, s)
-        from .kernels import triton_fast_forward
-
-        return triton_fast_forward(hidden, weight, bias, targets, opts, reduction=reduction,
+        return _kernels().triton_fast_forward(hidden, weight, bias, targets, opts, reduction=reduction,
                                    tokens_per_chunk=plan.tokens_per_chunk, remainder=plan.remainder,
                                    config=kernel_config(hidden, weight, s), **wants)
 

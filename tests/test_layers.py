@@ -26,7 +26,7 @@ LAYERS = [
     ("package", [""]),
 ]
 # Function-level imports of our own modules allowed only where a dependency is optional: who -> what.
-OPTIONAL = {("select", "kernels"), ("select", "kernels.config")}
+OPTIONAL = {("select", "kernels")}
 
 
 def _modules() -> dict:

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from .dtypes import FLOAT_DTYPES, stat_dtype
 from .reduce import REDUCTIONS
@@ -69,9 +71,6 @@ def check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional
 
 def is_tracing(t: Tensor) -> bool:
     """True under Dynamo, AOTAutograd/make_fx tracing or fake tensors: values are not available there."""
-    from torch._subclasses.fake_tensor import is_fake
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
     return torch.compiler.is_compiling() or get_proxy_mode() is not None or is_fake(t)
 
 

@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The dtypes the Triton kernels take (float64 runs the PyTorch implementation).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The dtypes autocast may cast (it never casts float64).
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 

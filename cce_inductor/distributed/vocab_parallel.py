@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from ..core.dtypes import autocast_off, stat_dtype
 from ..options import LossOptions
@@ -56,8 +57,6 @@ def _rows_per_chunk(n: int, v_local: int, device: torch.device) -> int:
 
 def resolve_group(group_name: str) -> dist.ProcessGroup:
     """The process group registered under ``group_name`` (c10d's resolver, as functional collectives use)."""
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
     return _resolve_process_group(group_name)
 
 

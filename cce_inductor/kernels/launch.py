@@ -6,10 +6,8 @@ from typing import Optional
 import torch
 
 from ..core.checks import check_inputs
+from ..core.dtypes import TRITON_DTYPES
 from .tiles import KernelConfig
-
-# The dtypes the Triton kernels take (float64 runs the PyTorch implementation).
-TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def check_kernel_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from .. import select
 from ..core.dtypes import autocast_off, stat_dtype
@@ -82,8 +83,6 @@ def _scale_in_place(d: Tensor, g: Tensor) -> Tensor:
     """
     if d.dtype not in (torch.float16, torch.bfloat16) or torch.compiler.is_compiling() or d.numel() == 0:
         return d.mul_(g)
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
     if get_proxy_mode() is not None:
         return d.mul_(g)
     flat = d.view(d.shape[0], -1)
