@@ -25,8 +25,9 @@ adds their forward and backward under other configs (forward splits, d_hidden re
 Every variant is guarded: one failure prints an ERROR row and the run goes on. Writes
 $OUT/fast_path_check.json when $OUT is set; prints a short table last. Budget: ~3-4 minutes on one H200
 (--kernels: ~1 minute more). --dry-run: CPU, the tiny shape, one timed call per number, no memory
-numbers, --kernels on (~1.5 minutes on 2 cores; --kernel-sweep ~1 minute more); on the CPU the op runs its PyTorch paths (the config knobs of the
-Triton paths have no effect there), the kernels rows run the Triton kernels in the interpreter.
+numbers, --kernels on (~1.5 minutes on 2 cores; --kernel-sweep ~1 minute more). On the CPU the op runs
+its PyTorch paths (the Triton paths' config knobs have no effect there); the kernels rows run the Triton
+kernels in the interpreter.
 """
 from __future__ import annotations
 
@@ -243,7 +244,8 @@ def check_shape(shape_name, a, rep, compiled, compiled_nograd):
         measure(shape_name, f"fast:Nc={nc},{rem},{scheme}", op("fast"), e, c, t, ref, rep,
                 patch={"fast_path_tokens_per_chunk": nc, "fast_path_remainder": rem,
                        "fast_path_weight_accumulate": scheme})
-    measure(shape_name, "low_memory (fused fwd)", op("low_memory"), e, c, t, ref, rep, patch={"forward_kernel": "fused"})
+    measure(shape_name, "low_memory (fused fwd)", op("low_memory"), e, c, t, ref, rep,
+            patch={"forward_kernel": "fused"})
     for dh in ("cublas_fold", "cublas_fp32"):
         measure(shape_name, f"low_memory:dH={dh}", op("low_memory"), e, c, t, ref, rep,
                 patch={"forward_kernel": "chunked", "low_memory_dhidden": dh})
@@ -262,7 +264,7 @@ def print_table():
     def of(variant, key):
         return {r["shape"]: r.get(key) for r in ROWS if r.get("variant") == variant}
 
-    tc, tcm, tcf = of("torch.compile", "fwdbwd_ms"), of("torch.compile", "peak_MiB"), of("torch.compile", "fwd_nograd_ms")
+    tc, tcm, tcf = (of("torch.compile", k) for k in ("fwdbwd_ms", "peak_MiB", "fwd_nograd_ms"))
     print(f"\n{'shape':7} {'variant':34} {'fb_ms':>8} {'xTC':>5} {'peakMiB':>8} {'xTCmem':>6} {'nograd':>7} "
           f"{'xTC':>5} {'loss_err':>8} {'dE_err':>8} {'dC_err':>8}")
     for r in ROWS:
