@@ -44,8 +44,9 @@ class PeakMemory:
     def __enter__(self):
         return self.start()
 
-    def __exit__(self, *exc):
-        self.stop()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:  # after a failure (an out-of-memory error...) there is no peak to read
+            self.stop()
         return False
 
     @staticmethod

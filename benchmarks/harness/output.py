@@ -57,13 +57,15 @@ def git_commit():
         return None
 
 
-def sources_hash():
-    """sha256 (16 hex digits) of the imported ``cce_inductor`` package's ``.py`` files, names and contents:
-    what ran, even where a copied tree's git metadata is stale."""
-    spec = importlib.util.find_spec("cce_inductor")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    top = list(spec.submodule_search_locations)[0]
+def sources_hash(top=None):
+    """sha256 (16 hex digits) of the ``.py`` files (names and contents) of the ``cce_inductor`` package in
+    folder ``top`` (default: the one ``import cce_inductor`` finds): what ran, even where a copied tree's git
+    metadata is stale."""
+    if top is None:
+        spec = importlib.util.find_spec("cce_inductor")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        top = list(spec.submodule_search_locations)[0]
     digest = hashlib.sha256()
     for folder, dirs, files in sorted(os.walk(top)):
         dirs.sort()
@@ -75,8 +77,9 @@ def sources_hash():
     return digest.hexdigest()[:16]
 
 
-def versions(packages=("triton",)):
-    """torch, python, the named distributions that are installed, the git commit and the sources' hash."""
+def versions(packages=("triton",), cce_dir=None):
+    """torch, python, the named distributions that are installed, the git commit and the hash of the
+    ``cce_inductor`` sources (in ``cce_dir``, default: the importable package)."""
     import torch
     from importlib.metadata import version
 
@@ -87,7 +90,7 @@ def versions(packages=("triton",)):
         except Exception:  # noqa: BLE001
             pass
     out["git"] = git_commit()
-    out["cce_inductor_sources"] = sources_hash()
+    out["cce_inductor_sources"] = sources_hash(cce_dir)
     return out
 
 
