@@ -159,7 +159,7 @@ def train(step_fn, params, data_for_step, args, device, foreach=True):
         ids, labels = data_for_step(i)
         if i == 1:
             mem.start()
-        seconds, loss = wall_s(lambda: one_step(ids, labels), device)
+        seconds, loss = wall_s(one_step, ids, labels, device=device)
         times.append(seconds)
         losses.append(float(loss))
     if args.steps > 1:
@@ -308,7 +308,7 @@ def run_tp_loss(cfg, args, device, dtype, reps=5):
             h.grad = w.grad = None
             if i == 1:
                 mem.start()
-            seconds, loss = wall_s(fwd_bwd, device)
+            seconds, loss = wall_s(fwd_bwd, device=device)
             times.append(seconds)
         mem.stop()
         grads_bytes = (h.grad.to_local().numel() + w.grad.to_local().numel()) * h_full.element_size()
@@ -331,16 +331,10 @@ def main():
     args = parse_args()
     use_cuda = torch.cuda.is_available() and (args.backend in (None, "nccl"))
     backend = args.backend or ("nccl" if use_cuda else "gloo")
-    if args.tiny:
-        args.layers = args.layers or 2
-        args.tokens = args.tokens or 256
-        args.seq = args.seq or 64
-        args.dtype = args.dtype or "float32"
-    else:
-        args.layers = args.layers or 2
-        args.tokens = args.tokens or 8192
-        args.seq = args.seq or 2048
-        args.dtype = args.dtype or "bfloat16"
+    defaults = dict(layers=2, tokens=256, seq=64, dtype="float32") if args.tiny else \
+        dict(layers=2, tokens=8192, seq=2048, dtype="bfloat16")
+    for k, v in defaults.items():
+        setattr(args, k, getattr(args, k) or v)
     dtype = getattr(torch, args.dtype)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:

@@ -45,7 +45,7 @@ from cce_inductor import config
 from cce_inductor.options import LossOptions
 from cce_inductor.paths import choose_path, plan_fast
 from harness import (MiB, PeakMemory, bench_ms, eager, eager_copy, errors, float64_reference, fmt, free, gpu_name,
-                     make_inputs, ratio, shape, sync, wall_s, write_json)
+                     make_inputs, matmul_ms, measure_loss_head, ratio, shape, sync, wall_s, write_json)
 
 ROWS = []
 DEV = "cuda"  # --dry-run: "cpu"
@@ -56,8 +56,8 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def bench(fn, rep, grad_to_none=None):
-    return bench_ms(fn, warmup=max(25, rep // 4), rep=rep, grad_to_none=grad_to_none, device=DEV)
+def bench(fn, rep):
+    return bench_ms(fn, warmup=max(25, rep // 4), rep=rep, device=DEV)
 
 
 def add(row):
@@ -80,27 +80,8 @@ def guarded(row, body):
 def measure(shape_name, name, fn, e, c, t, ref, rep, nograd_fn=None, patch=None):
     """Errors, fwd+bwd ms, peak MiB and (optionally) no-grad forward ms of loss = fn(e, c, t)."""
     def body(row):
-        try:
-            run(row)
-        finally:
-            e.grad = c.grad = None
-
-    def run(row):
         with config.patch(**patch) if patch else nullcontext():
-            e.grad = c.grad = None
-            loss = fn(e, c, t)
-            loss.backward()
-            sync(DEV)
-            row.update(errors(ref, loss.item(), e.grad, c.grad))
-            e.grad = c.grad = None
-            del loss
-            free(DEV)
-            with PeakMemory(DEV) as mem:
-                fn(e, c, t).backward()
-            row["peak_MiB"] = mem.above_mib
-            e.grad = c.grad = None
-            free(DEV)
-            row["fwdbwd_ms"] = bench(lambda: fn(e, c, t).backward(), rep, grad_to_none=[e, c])
+            row.update(measure_loss_head(fn, e, c, t, ref, warmup=max(25, rep // 4), rep=rep, device=DEV))
             if nograd_fn is not None:
                 x, w = e.detach(), c.detach()
                 with torch.no_grad():
@@ -176,7 +157,7 @@ def kernel_rows(shape_name, e, c, t, ref, rep, sweep):
         return loss.mean(), dh, dw
 
     def both(row):
-        row["first_call_s"] = round(wall_s(fwd_bwd, DEV)[0], 3)  # Triton compiles its kernels
+        row["first_call_s"] = round(wall_s(fwd_bwd, device=DEV)[0], 3)  # Triton compiles its kernels
         row.update(errors(ref, *fwd_bwd()))
         free(DEV)
         with PeakMemory(DEV) as mem:
@@ -228,8 +209,8 @@ def check_shape(shape_name, a, rep, compiled, compiled_nograd):
     plan = plan_fast(N, D, V, torch.bfloat16)
     log(f"{shape_name}: choose_path -> {choose_path(N, D, V, torch.bfloat16, DEV, 'mean', False, True)}; "
         f"plan {plan}")
-    x, w = e.detach(), c.detach()
-    add({"shape": shape_name, "variant": "mm (cuBLAS E@C^T)", "fwdbwd_ms": bench(lambda: x @ w.T, rep)})
+    mm = matmul_ms(e, c, warmup=max(25, rep // 4), rep=rep, device=DEV)
+    add({"shape": shape_name, "variant": "mm (cuBLAS E@C^T)", "fwdbwd_ms": mm})
 
     measure(shape_name, "eager", eager, e, c, t, ref, rep, nograd_fn=eager)
     measure(shape_name, "torch.compile", compiled, e, c, t, ref, rep, nograd_fn=compiled_nograd)
@@ -256,7 +237,7 @@ def check_shape(shape_name, a, rep, compiled, compiled_nograd):
     nograd_row(shape_name, "fwd-no-grad torch.compile", compiled_nograd, e, c, t, rep)
     if a.kernels or a.kernel_sweep:
         kernel_rows(shape_name, e, c, t, ref, rep, a.kernel_sweep)
-    del e, c, t, x, w, ref
+    del e, c, t, ref
     free(DEV)
 
 

@@ -1,47 +1,15 @@
 """One training step of real Hugging Face architectures: eager, torch.compile, backend="cce" and Liger.
 
-Measured per architecture x variant:
-  phase "fixed" (first, for every architecture): at a fixed tokens/step, the median step time (CUDA
-    events, after warm-up), the peak memory (torch.cuda.max_memory_allocated over the timed steps after a
-    reset: weights, gradients, optimizer state and activations together), the loss and gradient norm of
-    the first step (same initial weights and tokens in every variant: equal within bf16 noise), the
-    compile time and what the cce rewrite did;
-  phase "search" (then): the largest tokens/step that fits, at the same sequence length: a first
-    attempt at --search-probe (8) times the fixed sequences, then doubling while it fits, else bisection
-    between the largest fit and the least failure; one training step per attempt, out-of-memory caught.
-
-One training step = forward with ``labels=input_ids`` (the model computes its own shifted loss inside
-``forward``: that is what the rewrite must find), ``loss.backward()``, ``clip_grad_norm_(1.0)``,
-``AdamW.step()`` (fused on CUDA), ``zero_grad(set_to_none=True)``.
-
-Variants:
-  eager     the model as built
-  compile   torch.compile(loss_fn)                  (Inductor, default mode)
-  cce       torch.compile(loss_fn, backend="cce")  after ``import cce_inductor``
-  liger     liger_kernel.transformers.apply_liger_kernel_to_<model>(model=model), run eagerly as Liger
-            documents it (its default kernels: RoPE, RMSNorm, SwiGLU/GeGLU, fused linear cross-entropy);
-            left out when liger_kernel is not importable or there is no GPU
-where ``loss_fn = lambda ids: model(input_ids=ids, labels=ids).loss``: the forward half of the step is
-compiled (backward runs the compiled backward graph; the optimizer runs eagerly). ``--compile-target
-model`` compiles the model instead (what HF Trainer does; the graph then also returns the logits).
-
-Architectures (random init from configs, no downloads; the released models' shapes, full depth unless
-``--layers``): llama3.2-1b, qwen2.5-0.5b, gemma2-2b. bf16 weights and AdamW state by default
-(``--precision autocast``: fp32 weights under bf16 autocast). Attention "sdpa"; Gemma 2 gets "eager"
-because transformers refuses sdpa for it (attention-logit softcapping).
-
-How the time budget is kept (compiling full-depth models is the slow part, and it is CPU work):
-every (architecture, variant) is its own process. The compiled variants all compile at once,
-"compile-only": the graph for the fixed batch is compiled (forward and backward) but not run, so the
-compiles use CPUs and no GPU memory beyond the weights. The batch dimension is marked dynamic, so the
-same graph serves later batch sizes unless one crosses Inductor's 32-bit indexing guards; that is why
-each compiled variant also compiles, once its fixed turn is over and while the others measure, for the
-search's first (largest) attempt. The GPU is lent to one process at a time: every fixed-phase
-measurement (compiled variants first), then the searches (cce and torch.compile first). Processes
-waiting for a turn keep their weights on the CPU. Each compile and each turn has a deadline; a
-process past it is killed and what it reported is kept. The JSON is rewritten as results arrive, so a
-run cut short still leaves its numbers. The parts: step/worker.py (one process), step/orchestrate.py
-(the parent), step/report.py (table, plot); the method in STEP_BENCH.md.
+Per architecture (llama3.2-1b, qwen2.5-0.5b, gemma2-2b: HF configs with the released models' shapes,
+random init, full depth unless --layers) and variant (eager; compile = torch.compile(loss_fn); cce =
+torch.compile(loss_fn, backend="cce"); liger = Liger's kernels applied, eager; loss_fn = lambda ids:
+model(input_ids=ids, labels=ids).loss), one step = forward, backward, clip_grad_norm_(1.0), AdamW:
+  phase "fixed": median step time (CUDA events), peak memory, loss and gradient norm of step 1, compile
+    time, what the rewrite did, at a fixed tokens/step;
+  phase "search": the largest tokens/step that fits (probe, doubling, bisection; OOM caught).
+Each (architecture, variant) runs in its own process (step/worker.py); the parent (step/orchestrate.py)
+lets the compiled variants compile at once, "compile-only", then lends the GPU to one process at a time
+under --budget-s; step/report.py makes the table and the plot. The method: benchmarks/STEP_BENCH.md.
 
     python benchmarks/step_bench.py                          # GPU, all architectures, 480 s budget
     python benchmarks/step_bench.py --archs llama --layers 4 --budget-s 200

@@ -38,9 +38,9 @@ import time
 
 import torch
 
-from harness import (SHAPES, PeakMemory, bench_ms, columns, eager, eager_copy, errors, float64_reference, fmt,
-                     free, gpu_name, make_inputs, markdown_table, now, out_path, pyplot, ratio, save_figure, shape,
-                     sync, versions, write_json, write_text)
+from harness import (SHAPES, eager, eager_copy, float64_reference, fmt, free, gpu_name, make_inputs, markdown_table,
+                     matmul_ms, measure_loss_head, now, out_path, pyplot, ratio, save_figure, shape, versions,
+                     write_json, write_text)
 
 DEFAULTS = dict(shapes="gemma2,llama3", tokens="8192,16384,32768,65536", methods=None, regime="zipf",
                 err_tokens="8192", warmup=25, rep=100)
@@ -48,7 +48,22 @@ LARGE_N = dict(DEFAULTS, tokens="8192,32768,65536", methods="cce.op", regime="fl
 DRY_RUN = dict(shapes="tiny", tokens="64,96")  # over the others; errors at 96 tokens (none with --large-n)
 
 
+def _peer(name):
+    if name == "apple_cce":
+        from cut_cross_entropy import linear_cross_entropy as apple
+
+        return lambda e, c, t: apple(e, c, t)
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    liger = LigerFusedLinearCrossEntropyLoss()
+    return lambda e, c, t: liger(c, e, t)
+
+
+PEERS = {"apple_cce": ("cut_cross_entropy", "cut-cross-entropy"), "liger_flce": ("liger_kernel", "liger-kernel")}
+
+
 def build_methods(device):
+    """The methods importable here; the packages they come from (cce_inductor's version, peers' distributions)."""
     methods, found = {"eager": eager, "torch.compile": torch.compile(eager)}, {}
     try:
         import cce_inductor
@@ -61,47 +76,23 @@ def build_methods(device):
     if device != "cuda":
         print("peers (cut_cross_entropy, liger_kernel) need CUDA: left out")
         return methods, found
-    try:
-        from cut_cross_entropy import linear_cross_entropy as apple
-
-        methods["apple_cce"] = lambda e, c, t: apple(e, c, t)
-        found["cut_cross_entropy"] = "cut-cross-entropy"  # its version is looked up below
-    except Exception as ex:  # noqa: BLE001
-        print("cut_cross_entropy not importable:", ex)
-    try:
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-
-        liger = LigerFusedLinearCrossEntropyLoss()
-        methods["liger_flce"] = lambda e, c, t: liger(c, e, t)
-        found["liger_kernel"] = "liger-kernel"
-    except Exception as ex:  # noqa: BLE001
-        print("liger_kernel not importable:", ex)
+    for name, (module, dist) in PEERS.items():
+        try:
+            methods[name] = _peer(name)
+            found[module] = dist  # its version: main
+        except Exception as ex:  # noqa: BLE001
+            print(f"{module} not importable:", ex)
     return methods, found
 
 
 def run_cell(fn, e, c, t, ref, warmup, rep, device):
     """One method at one (shape, N): errors (when ``ref``), peak memory, median fwd+bwd ms."""
-    r = {}
     try:
-        e.grad = c.grad = None
-        loss = fn(e, c, t)  # first call compiles where there is something to compile
-        loss.backward()
-        sync(device)
-        if ref is not None:
-            r.update(errors(ref, loss.item(), e.grad, c.grad))
-        del loss
-        e.grad = c.grad = None
-        free(device)
-        with PeakMemory(device) as mem:
-            fn(e, c, t).backward()
-        r["peak_MB"] = mem.above_mib
-        e.grad = c.grad = None
-        r["ms"] = bench_ms(lambda: fn(e, c, t).backward(), warmup=warmup, rep=rep, grad_to_none=[e, c], device=device)
+        r = measure_loss_head(fn, e, c, t, ref, warmup=warmup, rep=rep, device=device, keys=("peak_MB", "ms"))
     except torch.OutOfMemoryError:
-        r["error"] = "OOM"
+        r = dict(error="OOM")
     except Exception as ex:  # noqa: BLE001
-        r["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}"
-    e.grad = c.grad = None
+        r = dict(error=f"{type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}")
     free(device)
     return r
 
@@ -198,14 +189,11 @@ def print_summary(rows, methods, header):
 
 def print_large_n(rows):
     """The op's time as a multiple of one matmul, and its peak, per shape and N (large_n_check's table)."""
-    widths = (-7, 6, 10, 8, 8)
-    print("\n" + columns(["shape", "N", "fwdbwd_ms", "x_matmul", "peak_MB"], widths))
+    print(f"\n{'shape':7} {'N':>6} {'fwdbwd_ms':>10} {'x_matmul':>8} {'peak_MB':>8}")
     for r in rows:
-        if "error" in r:
-            print(columns([r["shape"], r["N"], r["error"]], (-7, 6, -40)))
-            continue
-        print(columns([r["shape"], r["N"], f"{r['ms']:.1f}", ratio(r["ms"], r["mm_ms"]), fmt(r["peak_MB"], ".0f", "-")],
-                      widths))
+        head = f"{r['shape']:7} {r['N']:6d}"
+        print(f"{head} {r['error']}" if "error" in r else
+              f"{head} {r['ms']:10.1f} {ratio(r['ms'], r['mm_ms'], '8.2f')} {fmt(r['peak_MB'], '8.0f', '-')}")
 
 
 def parse_args(argv=None):
@@ -241,7 +229,7 @@ def main(argv=None):
     methods, found = build_methods(a.device)
     if a.methods:
         methods = {k: v for k, v in methods.items() if k in a.methods.split(",")}
-    run = versions(("triton", "cut-cross-entropy", "liger-kernel"))
+    run = versions(tuple(d for _, d in PEERS.values()))
     pkg = {k: (v if k == "cce_inductor" else run.get(v, "?")) for k, v in found.items()}
     header = dict(gpu=gpu_name(a.device), date=now(date_only=True), torch=torch.__version__,
                   triton=triton.__version__, versions=pkg, regime=a.regime, warmup=a.warmup, rep=a.rep,
@@ -255,9 +243,7 @@ def main(argv=None):
         for N in (int(x) for x in a.tokens.split(",")):
             try:
                 e, c, t = make_inputs(N, D, V, a.regime, device=a.device)
-                x, w = e.detach(), c.detach()
-                with torch.no_grad():  # one E @ C.T in bf16: the unit fwd+bwd is compared with (it needs 3-4)
-                    mm = bench_ms(lambda: x @ w.T, warmup=a.warmup, rep=a.rep, device=a.device)
+                mm = matmul_ms(e, c, warmup=a.warmup, rep=a.rep, device=a.device)
                 ref = float64_reference(e, c, t) if N in err_tokens else None
             except torch.OutOfMemoryError:
                 for m in methods:
@@ -269,7 +255,7 @@ def main(argv=None):
                 r.update(run_cell(fn, e, c, t, ref, a.warmup, a.rep, a.device))
                 print(json.dumps(r), flush=True)
                 rows.append(r)
-            del e, c, t, x, w, ref
+            del e, c, t, ref
             free(a.device)
             header["elapsed_s"] = round(time.time() - t_start)
             # after every token count: a cut-short run still leaves its results

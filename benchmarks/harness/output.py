@@ -36,11 +36,6 @@ def markdown_table(header, rows, align=None) -> list:
     return ["| " + " | ".join(map(str, header)) + " |", rule] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
 
 
-def columns(cells, widths) -> str:
-    """One line of fixed-width cells: a positive width right-aligns, a negative one left-aligns."""
-    return " ".join(str(c).rjust(w) if w > 0 else str(c).ljust(-w) for c, w in zip(cells, widths))
-
-
 # ---- where it ran -----------------------------------------------------------------------------------
 
 def gpu_name(device="cuda"):

@@ -38,11 +38,19 @@ def bench_ms(fn, *, warmup=25, rep=100, grad_to_none=None, device="cuda") -> flo
     return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
-def wall_s(fn, device="cuda"):
-    """``(seconds, fn())``: wall time of one call between two device synchronisations (host work included)."""
+@torch.no_grad()
+def matmul_ms(e, c, *, warmup=25, rep=100, device="cuda") -> float:
+    """One ``e @ c.T`` in the inputs' dtype: the unit a loss head's time is compared with (fwd+bwd needs 3-4)."""
+    x, w = e.detach(), c.detach()
+    return bench_ms(lambda: x @ w.T, warmup=warmup, rep=rep, device=device)
+
+
+def wall_s(fn, *args, device="cuda"):
+    """``(seconds, fn(*args))``: wall time of one call between two device synchronisations (host work
+    included)."""
     sync(device)
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     sync(device)
     return time.perf_counter() - t0, out
 

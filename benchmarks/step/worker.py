@@ -284,7 +284,7 @@ class Worker:
         graphs_before = self.dynamo_stats()["graphs"]
         opt, step = self.make_step()
         batches = [self.batch(b, s, a.seed + 1 + i) for i in range(2)]
-        first_s, (loss, gn) = wall_s(lambda: step(batches[0]), self.device)
+        first_s, (loss, gn) = wall_s(step, batches[0], device=self.device)
         r["first_step_s"] = round(first_s, 2)
         r["loss_first"], r["grad_norm_first"] = loss.item(), gn.item()
         emit(type="progress", phase="fixed", first_step_s=r["first_step_s"], loss_first=r["loss_first"])
