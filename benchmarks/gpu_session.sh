@@ -53,12 +53,12 @@ harness)
     | tail -15 | tee "$OUT/cuda_tests.log"
   [ -f .bench/peers.py ] && timeout 100 python3 .bench/peers.py --regimes zipf --reps 100 > "$OUT/peers.log" 2>&1
   tail -24 "$OUT/peers.log"
-  timeout 160 python3 benchmarks/fast_path_check.py --quick --kernels > "$OUT/fast_path_check.log" 2>&1
+  timeout 170 python3 benchmarks/fast_path_check.py --quick --kernels > "$OUT/fast_path_check.log" 2>&1
   tail -40 "$OUT/fast_path_check.log"
   timeout 70 python3 benchmarks/sweep.py --large-n > "$OUT/large_n.log" 2>&1
   tail -10 "$OUT/large_n.log"
-  timeout 100 python3 benchmarks/step_bench.py --archs llama --layers 2 --phases fixed --budget-s 90 \
-    > "$OUT/step_bench.log" 2>&1
+  timeout 95 python3 benchmarks/step_bench.py --archs llama --layers 2 --phases fixed --budget-s 85 \
+    --compile-limit-s 60 > "$OUT/step_bench.log" 2>&1
   tail -12 "$OUT/step_bench.log"
   ;;
 *) echo "PART must be a, b, step, dist or harness" >&2; exit 2 ;;
