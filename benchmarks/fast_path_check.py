@@ -123,11 +123,11 @@ def backward_by_kernel(run_backward):
         sync(DEV)
     groups = {}
     for ev in prof.key_averages():
-        if DEV == "cuda":
-            us = getattr(ev, "device_time_total", None)
-            us = getattr(ev, "cuda_time_total", 0.0) if us is None else us
+        if DEV == "cuda":  # own time only: a host-side entry's total would count its kernels again
+            us = getattr(ev, "self_device_time_total", None)
+            us = getattr(ev, "self_cuda_time_total", 0.0) if us is None else us
             if not us:
-                continue  # host-side entries
+                continue
         else:
             us = ev.self_cpu_time_total
         name = ev.key
