@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import math
 import os
 import statistics
@@ -48,6 +47,7 @@ import torch.nn as nn  # noqa: E402
 
 import cce_inductor  # noqa: E402
 from cce_inductor.backend import make_backend  # noqa: E402
+from harness import PeakMemory, fmt, gpu_name, versions, wall_s, write_json  # noqa: E402
 
 
 def parse_args():
@@ -119,24 +119,6 @@ def batches(cfg, args, steps):
     return out
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_mb(device):
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-
-
-def reset_peak(device):
-    """Start a peak-memory window; returns the memory allocated at its start (MB; None on the CPU)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.memory_allocated(device) / 2**20
-
-
 def all_ranks_mean(x: float, group=None) -> float:
     t = torch.tensor([x], dtype=torch.float64)
     if dist.get_backend() == "nccl":
@@ -164,25 +146,26 @@ def train(step_fn, params, data_for_step, args, device, foreach=True):
     """Run ``args.steps`` steps of ``loss = step_fn(ids, labels); loss.backward(); opt.step()``.
     ``foreach=False`` when the parameters mix DTensors and plain tensors (tensor parallel)."""
     opt = torch.optim.AdamW(params, lr=args.lr, foreach=foreach)
-    losses, times = [], []
-    peak = start = None
-    for i in range(args.steps):
-        ids, labels = data_for_step(i)
-        if i == 1:
-            sync(device)
-            start = reset_peak(device)
-        sync(device)
-        t0 = time.perf_counter()
+    mem = PeakMemory(device, empty_cache=True)  # over the steps after the first (compiling) one
+
+    def one_step(ids, labels):
         loss = step_fn(ids, labels)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - t0)
+        return loss
+
+    losses, times = [], []
+    for i in range(args.steps):
+        ids, labels = data_for_step(i)
+        if i == 1:
+            mem.start()
+        seconds, loss = wall_s(one_step, ids, labels, device=device)
+        times.append(seconds)
         losses.append(float(loss))
     if args.steps > 1:
-        peak = peak_mb(device)
+        mem.stop()
     timed = times[1:] if len(times) > 1 else times
-    return losses, statistics.median(timed), times[0], (peak, None if peak is None else peak - start)
+    return losses, statistics.median(timed), times[0], (mem.peak_mib, mem.above_mib)
 
 
 def run_reference(cfg, args, device, dtype, data):
@@ -197,28 +180,34 @@ def run_reference(cfg, args, device, dtype, data):
     return train(step, model.parameters(), lambda i: (data[i].to(device), data[i].to(device)), args, device)
 
 
-def run_single(cfg, args, device, dtype, data, cce: bool):
-    model = build_model(cfg, device, dtype)
+def compile_with(module, cce: bool):
+    """``torch.compile(module)`` with Inductor, or with the rewrite in front of it; the list collects each
+    graph's rewrite result."""
     results = []
     backend = make_backend("inductor", on_result=results.append) if cce else "inductor"
-    compiled = torch.compile(LossOnly(model), backend=backend)
+    return torch.compile(module, backend=backend), results
+
+
+def n_rewrites(results):
+    return sum(len(r.rewrites) for r in results)
+
+
+def run_single(cfg, args, device, dtype, data, cce: bool):
+    model = build_model(cfg, device, dtype)
+    compiled, results = compile_with(LossOnly(model), cce)
 
     def step(ids, labels):
         loss = compiled(ids, labels)
         loss.backward()
         return loss.detach()
     out = train(step, model.parameters(), lambda i: (data[i].to(device), data[i].to(device)), args, device)
-    return out, sum(len(r.rewrites) for r in results) if cce else 0
+    return out, n_rewrites(results) if cce else 0
 
 
-def run_ddp(cfg, args, device, dtype, data, cce: bool):
+def train_data_parallel(module, params, args, device, data, cce: bool):
+    """Compile ``module`` (DDP- or FSDP-wrapped) and train it on this rank's share of every batch."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = build_model(cfg, device, dtype)
-    ddp = nn.parallel.DistributedDataParallel(LossOnly(model), device_ids=[device.index] if device.type == "cuda"
-                                              else None)
-    results = []
-    backend = make_backend("inductor", on_result=results.append) if cce else "inductor"
-    compiled = torch.compile(ddp, backend=backend)
+    compiled, results = compile_with(module, cce)
     n = data[0].shape[0] // world
 
     def step(ids, labels):
@@ -229,32 +218,25 @@ def run_ddp(cfg, args, device, dtype, data, cce: bool):
     def local(i):
         x = data[i][rank * n:(rank + 1) * n].to(device)
         return x, x
-    return train(step, model.parameters(), local, args, device), sum(len(r.rewrites) for r in results)
+    return train(step, params, local, args, device), n_rewrites(results)
+
+
+def run_ddp(cfg, args, device, dtype, data, cce: bool):
+    model = build_model(cfg, device, dtype)
+    ddp = nn.parallel.DistributedDataParallel(LossOnly(model), device_ids=[device.index] if device.type == "cuda"
+                                              else None)
+    return train_data_parallel(ddp, model.parameters(), args, device, data, cce)
 
 
 def run_fsdp2(cfg, args, device, dtype, data, cce: bool):
     from torch.distributed.fsdp import fully_shard
 
-    rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model(cfg, device, dtype)
     wrapper = LossOnly(model)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(wrapper)
-    results = []
-    backend = make_backend("inductor", on_result=results.append) if cce else "inductor"
-    compiled = torch.compile(wrapper, backend=backend)
-    n = data[0].shape[0] // world
-
-    def step(ids, labels):
-        loss = compiled(ids, labels)
-        loss.backward()
-        return all_ranks_mean(loss.item())
-
-    def local(i):
-        x = data[i][rank * n:(rank + 1) * n].to(device)
-        return x, x
-    return train(step, wrapper.parameters(), local, args, device), sum(len(r.rewrites) for r in results)
+    return train_data_parallel(wrapper, wrapper.parameters(), args, device, data, cce)
 
 
 def tp_plan(model):
@@ -280,9 +262,7 @@ def run_tp(cfg, args, device, dtype, data, cce: bool):
     mesh = init_device_mesh(device.type, (world,))
     model = build_model(cfg, device, dtype)
     parallelize_module(model, mesh, tp_plan(model))
-    results = []
-    backend = make_backend("inductor", on_result=results.append) if cce else "inductor"
-    compiled = torch.compile(LossOnly(model), backend=backend)
+    compiled, results = compile_with(LossOnly(model), cce)
 
     def step(ids, labels):
         with loss_parallel():
@@ -312,15 +292,7 @@ def run_tp_loss(cfg, args, device, dtype, reps=5):
     for name in ("loss_parallel", "cce"):
         h = DTensor.from_local(h_full.clone(), mesh, (Replicate(),), run_check=False).requires_grad_()
         w = distribute_tensor(w_full, mesh, (Shard(0),)).detach().requires_grad_()
-        times = []
-        start = None
-        for i in range(reps + 1):
-            h.grad = w.grad = None
-            if i == 1:
-                sync(device)
-                start = reset_peak(device)
-            sync(device)
-            t0 = time.perf_counter()
+        def fwd_bwd():
             if name == "loss_parallel":
                 with loss_parallel():
                     loss = F.cross_entropy((h @ w.T).float(), labels)  # what HF's loss does: upcast, then CE
@@ -328,12 +300,20 @@ def run_tp_loss(cfg, args, device, dtype, reps=5):
             else:
                 loss = cce_inductor.linear_cross_entropy(h, w, labels)
                 loss.backward()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        peak = peak_mb(device)
+            return loss
+
+        times = []
+        mem = PeakMemory(device, empty_cache=True)  # over the calls after the first
+        for i in range(reps + 1):
+            h.grad = w.grad = None
+            if i == 1:
+                mem.start()
+            seconds, loss = wall_s(fwd_bwd, device=device)
+            times.append(seconds)
+        mem.stop()
         grads_bytes = (h.grad.to_local().numel() + w.grad.to_local().numel()) * h_full.element_size()
         out[name] = dict(loss=float(loss.detach().full_tensor()), time_s=statistics.median(times[1:]),
-                         peak_mb=(peak, None if peak is None else peak - start),
+                         peak_mb=(mem.peak_mib, mem.above_mib),
                          grad_mb=grads_bytes / 2**20, dw=w.grad.full_tensor().float(), dh=h.grad.full_tensor().float())
     err_w = ((out["cce"]["dw"] - out["loss_parallel"]["dw"]).norm() / out["loss_parallel"]["dw"].norm()).item()
     err_h = ((out["cce"]["dh"] - out["loss_parallel"]["dh"]).norm() / out["loss_parallel"]["dh"].norm()).item()
@@ -351,16 +331,10 @@ def main():
     args = parse_args()
     use_cuda = torch.cuda.is_available() and (args.backend in (None, "nccl"))
     backend = args.backend or ("nccl" if use_cuda else "gloo")
-    if args.tiny:
-        args.layers = args.layers or 2
-        args.tokens = args.tokens or 256
-        args.seq = args.seq or 64
-        args.dtype = args.dtype or "float32"
-    else:
-        args.layers = args.layers or 2
-        args.tokens = args.tokens or 8192
-        args.seq = args.seq or 2048
-        args.dtype = args.dtype or "bfloat16"
+    defaults = dict(layers=2, tokens=256, seq=64, dtype="float32") if args.tiny else \
+        dict(layers=2, tokens=8192, seq=2048, dtype="bfloat16")
+    for k, v in defaults.items():
+        setattr(args, k, getattr(args, k) or v)
     dtype = getattr(torch, args.dtype)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
@@ -386,8 +360,8 @@ def main():
         else:
             plan.append((r, None))
     rows, record, reference = [], {"args": vars(args), "world": world, "backend": backend,
-                                   "torch": torch.__version__,
-                                   "device": torch.cuda.get_device_name(device) if use_cuda else "cpu"}, None
+                                   "torch": torch.__version__, "device": gpu_name(device),
+                                   "versions": versions(("transformers", "triton"))}, None
     last_cost = 0.0
     for mode, cce in plan:
         name = mode if cce is None else f"{mode} {'cce' if cce else 'inductor'}"
@@ -444,19 +418,13 @@ def main():
     record["total_s"] = time.perf_counter() - t_start
     if rank == 0:
         print_table(rows, args, record)
-        out_dir = os.environ.get("OUT")
-        if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, "distributed_bench.json"), "w") as f:
-                json.dump(record, f, indent=1, default=str)
+        if os.environ.get("OUT"):
+            write_json(os.path.join(os.environ["OUT"], "distributed_bench.json"), record)
     dist.destroy_process_group()
 
 
 def _fmt(x, spec):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        width = "".join(c for c in spec.split(".")[0] if c.isdigit())
-        return "-".rjust(int(width) if width else 1)
-    return format(x, spec)
+    return fmt(x, spec, "-")
 
 
 def print_table(rows, args, record):

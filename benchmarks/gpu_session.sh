@@ -5,6 +5,8 @@
 #   PART=b     token sweep 8k-64k (cce.op, cce.backend, torch.compile, Liger) and train_lm on CUDA
 #   PART=step  the step benchmark over HF architectures (STEP_BENCH_ARGS, e.g. "--layers 16")
 #   PART=dist  2 GPUs: the NCCL tests and distributed_bench.py (DDP / FSDP2 / TP)
+#   PART=harness  a check of every benchmark on one GPU in one call: the CUDA tests, the peers table,
+#              fast_path_check.py --quick --kernels, sweep.py --large-n, a 2-layer Llama step_bench run
 # Peers (optional) come as wheels in .whl/ (cut-cross-entropy 25.1.1, liger-kernel 0.8.5, --no-deps);
 # the shared bench script as .bench/peers.py (a copy of ../shared/bench/peers.py, not committed).
 set -u
@@ -46,5 +48,18 @@ dist)
     > "$OUT/distributed.log" 2>&1  # and $OUT/distributed_bench.json
   tail -30 "$OUT/distributed.log"
   ;;
-*) echo "PART must be a, b, step or dist" >&2; exit 2 ;;
+harness)
+  timeout 140 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_fast.py 2>&1 \
+    | tail -15 | tee "$OUT/cuda_tests.log"
+  [ -f .bench/peers.py ] && timeout 100 python3 .bench/peers.py --regimes zipf --reps 100 > "$OUT/peers.log" 2>&1
+  tail -24 "$OUT/peers.log"
+  timeout 170 python3 benchmarks/fast_path_check.py --quick --kernels > "$OUT/fast_path_check.log" 2>&1
+  tail -40 "$OUT/fast_path_check.log"
+  timeout 70 python3 benchmarks/sweep.py --large-n > "$OUT/large_n.log" 2>&1
+  tail -10 "$OUT/large_n.log"
+  timeout 95 python3 benchmarks/step_bench.py --archs llama --layers 2 --phases fixed --budget-s 85 \
+    --compile-limit-s 60 > "$OUT/step_bench.log" 2>&1
+  tail -12 "$OUT/step_bench.log"
+  ;;
+*) echo "PART must be a, b, step, dist or harness" >&2; exit 2 ;;
 esac

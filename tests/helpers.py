@@ -87,6 +87,15 @@ def float64_reference(hidden, weight, bias, targets, **kw):
     return loss_and_grads(reference_linear_cross_entropy, up(hidden), up(weight), up(bias), targets, **kw)
 
 
+def assert_as_exact_as_eager(errs, factor=1.5, loss_tol=1e-5):
+    """Errors against float64 (``harness.compare`` with methods "eager" and "ours"): ours' gradients within
+    ``factor`` x eager's own error, its loss within ``loss_tol`` (None: not checked)."""
+    if loss_tol is not None:
+        assert errs["ours_loss"] < loss_tol, errs
+    assert errs["ours_dE"] <= factor * errs["eager_dE"], errs
+    assert errs["ours_dC"] <= factor * errs["eager_dC"], errs
+
+
 # ---- compile with the rewrite, compare with eager -------------------------------------------------
 
 @pytest.fixture(autouse=True)

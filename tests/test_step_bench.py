@@ -1,24 +1,29 @@
-"""``benchmarks/step_bench.py`` end to end on the CPU: worker processes, compiles, the rewrite, the JSON.
+"""``benchmarks/step_bench.py`` on the CPU at the tiny size (2-layer Llama shape, vocabulary 512, 4 x 32
+tokens, fp32). Timings are not asserted.
 
-The tiny run (2-layer Llama shape, vocabulary 512, 4 x 32 tokens, fp32) checks what the GPU run relies
-on: every variant reports, losses and gradient norms agree across eager / torch.compile /
+Quick (the default run): one worker in this process, the eager variant: its fixed-phase measurement, and
+the max-tokens search against a simulated out-of-memory limit; the table and the plot from a GPU-shaped
+JSON. Slow (``-m slow``, CI's slow step): the command line end to end, worker processes, compiles, the
+rewrite, the JSON: every variant reports, losses and gradient norms agree across eager / torch.compile /
 backend="cce" (same initial weights, same tokens; fp32 here, so tightly), the cce variant's graph was
 rewritten once (from the ``cce_inductor`` logger), and neither compiled variant compiled again in its
-measured steps (they were compiled ahead, "compile-only"). The max-tokens search, with the compile for
-its first attempt done ahead, is checked with a simulated out-of-memory limit. Timings are not asserted.
+measured steps (they were compiled ahead, "compile-only"); the search with the compile for its first
+attempt done ahead.
 """
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
+import step_bench  # benchmarks/ is on the tests' path (pyproject.toml: pythonpath)
+from step import report
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "step_bench.py")
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import step_bench  # noqa: E402
 
 pytest.importorskip("transformers")
 
@@ -31,6 +36,27 @@ def _run(tmp_path, *args, timeout=400):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     with open(out) as f:
         return json.load(f), p.stdout
+
+
+def test_worker_fixed_phase_and_search_in_process():
+    # the search: a step of more than 600 tokens "runs out of memory"; the probe (8 x the fixed 4 sequences
+    # of 32) fails, bisection between 4 (the fixed phase fitted) and 32 must end at 18 sequences (576
+    # tokens), 19 failing
+    from step.worker import Worker
+
+    a = step_bench.parse_args(["--tiny", "--worker", "--arch", "llama3.2-1b", "--variant", "eager",
+                               "--run-phases", "fixed,search", "--fake-oom-tokens", "600"])
+    w, events = Worker(a), []
+    deadline = time.time() + 120
+    f = w.run_fixed(deadline, lambda **kw: events.append(kw), {})
+    assert f["status"] == "ok" and f["tokens"] == 4 * 32 and f["layers"] == 2 and f["vocab"] == 512 and f["tied"]
+    assert f["step_ms"] > 0 and len(f["step_ms_all"]) == 5 and math.isfinite(f["loss_last"])
+    assert f["loss_first"] == pytest.approx(math.log(512), abs=0.5)  # random init: about ln V
+    s = w.run_search(deadline, lambda **kw: events.append(kw), {})
+    assert s["status"] == "ok" and s["exact"], s
+    assert (s["max_seqs"], s["max_tokens"], s["first_fail_seqs"]) == (18, 576, 19), s
+    assert s["attempts"][0]["seqs"] == 32 and not s["attempts"][0]["fits"]
+    assert [e["type"] for e in events] == ["progress"] + ["attempt"] * len(s["attempts"])
 
 
 @pytest.mark.slow
@@ -99,7 +125,7 @@ def test_table_and_plot_from_json(tmp_path):
     png = tmp_path / "out.png"
     step_bench.main(["--plot-only", str(path), "--plot", str(png)])
     assert png.stat().st_size > 0
-    text = step_bench.table(data)
+    text = report.table(data)
     assert "| llama3.2-1b | torch.compile(backend=\"cce\") | 8×2048 = 16384 | 330.0 | 1.10 | 39.06 |" in text
     assert "≥ 65536 (32×2048) [time limit]" in text and "| 32768 (16×2048) |" in text
     assert "1 (0 missed)" in text and "OOM: OutOfMemoryError" in text
