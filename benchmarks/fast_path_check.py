@@ -25,9 +25,8 @@ adds their forward and backward under other configs (forward splits, d_hidden re
 Every variant is guarded: one failure prints an ERROR row and the run goes on. Writes
 $OUT/fast_path_check.json when $OUT is set; prints a short table last. Budget: ~3-4 minutes on one H200
 (--kernels: ~1 minute more). --dry-run: CPU, the tiny shape, one timed call per number, no memory
-numbers, --kernels on (~1.5 minutes on 2 cores; --kernel-sweep ~1 minute more). On the CPU the op runs
-its PyTorch paths (the Triton paths' config knobs have no effect there); the kernels rows run the Triton
-kernels in the interpreter.
+numbers, --kernels on (~1.5 minutes on 2 cores; --kernel-sweep ~1 minute more); the op and the kernels
+rows run the Triton kernels in the interpreter (``cce_inductor.select.use_triton_on_cpu``).
 """
 from __future__ import annotations
 
@@ -282,6 +281,9 @@ def main(argv=None):
         if os.environ.get("TRITON_INTERPRET") != "1":  # read when triton is imported, before this line
             raise SystemExit("the dry run runs the Triton kernels in the interpreter: "
                              "TRITON_INTERPRET=1 python3 benchmarks/fast_path_check.py --dry-run")
+        from cce_inductor.select import use_triton_on_cpu
+
+        use_triton_on_cpu().__enter__()  # the op's Triton paths too, on CPU tensors (for the rest of the run)
     import triton
 
     rep = 100 if a.quick else 200
