@@ -1,7 +1,15 @@
-"""Test set-up: without a GPU the Triton kernels run on CPU tensors under the Triton interpreter.
+"""Test set-up, in one place:
 
-TRITON_INTERPRET is read when ``@triton.jit`` decorates a kernel, i.e. when ``cce_inductor.kernels``
-is imported, so it is set here before any test imports the package.
+* without a GPU the Triton kernels run on CPU tensors under the Triton interpreter: TRITON_INTERPRET is
+  read when ``@triton.jit`` decorates a kernel, i.e. when ``cce_inductor.kernels`` is imported, so it is
+  set here before any test imports the package (tests that need it carry ``helpers.needs_interpreter``);
+* the fuzzers' budgets are hypothesis profiles: ``quick`` (the default: the README's test command),
+  ``ci`` (``.ci/run``'s slow step) and ``long`` (random, for a search), chosen with
+  ``--hypothesis-profile=NAME``; each fuzz test takes a share of the profile's ``max_examples``
+  (``helpers.fuzz_examples``);
+* tests marked ``slow`` (interpreter duplicates per dtype, Inductor twins of aot_eager tests, most HF
+  families, subprocess and multi-process tests) are deselected by default (``pyproject.toml``) and run by
+  ``.ci/run`` (``-m slow``).
 """
 import os
 
@@ -11,6 +19,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_FUZZ = dict(deadline=None, suppress_health_check=list(HealthCheck))
+settings.register_profile("quick", max_examples=40, derandomize=True, **_FUZZ)
+settings.register_profile("ci", max_examples=150, derandomize=True, **_FUZZ)
+settings.register_profile("long", max_examples=1000, derandomize=False, **_FUZZ)
+settings.load_profile("quick")  # --hypothesis-profile=NAME (hypothesis' pytest plugin) loads another
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every hypothesis test is marked ``fuzz`` (CI's slow step runs them again with the ``ci`` profile)."""
+    for item in items:
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+            item.add_marker(pytest.mark.fuzz)
 
 
 def _version(text):

@@ -3,14 +3,65 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 from typing import Optional
 
 import pytest
 import torch
+from hypothesis import settings
 
 import cce_inductor.backend as backend_module
 from cce_inductor.backend import make_backend
+from cce_inductor.options import LossOptions
 from cce_inductor.reference import reference_linear_cross_entropy, rel_err  # noqa: F401  (re-exported)
+
+
+# ---- what a test needs, and how much fuzzing it gets ----------------------------------------------------
+
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (conftest.py sets it without CUDA)")
+
+
+# Parametrize a test over "the PyTorch implementation" / "the Triton kernels on CPU tensors (interpreter)".
+TRITON_ON_CPU = [pytest.param(False, id="torch"), pytest.param(True, id="triton", marks=needs_interpreter)]
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_params(*names: str, quick=("fp32", "bf16")) -> list:
+    """``pytest.param`` per dtype name; those not in ``quick`` (fp16: the same code as bf16 under the
+    interpreter, with other rounding constants) are marked slow."""
+    return [pytest.param(_DTYPES[n], id=n, marks=() if n in quick else pytest.mark.slow) for n in names]
+
+
+def fuzz_examples(share: float = 1.0) -> int:
+    """This fuzz test's budget: ``share`` of the hypothesis profile's ``max_examples`` (conftest.py)."""
+    return max(1, round(settings.default.max_examples * share))
+
+
+# ---- option grids ----------------------------------------------------------------------------------
+
+def option_grid(reductions=("mean", "sum", "none"), return_lse=(False, True)) -> list:
+    """Every combination of the op's options, as keyword arguments (plus ``bias``: whether to pass one)."""
+    return [dict(bias=b, reduction=r, label_smoothing=ls, softcap=cap, logit_scale=s, return_lse=lse)
+            for b, r, ls, cap, s, lse in itertools.product(
+                [False, True], reductions, [0.0, 0.1], [None, 4.0], [1.0, 0.5], return_lse)]
+
+
+def option_id(kw: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in kw.items())
+
+
+# A few representative option sets, where the full grid would be too slow (kernels under the interpreter):
+# (bias?, LossOptions), by name.
+OPTION_CASES = {
+    "plain": (False, LossOptions()),
+    "bias-smooth-softcap-scale": (True, LossOptions(label_smoothing=0.1, softcap=3.0, logit_scale=0.7)),
+    "ii5-scale": (False, LossOptions(ignore_index=5, logit_scale=1.3)),
+}
 
 
 # ---- inputs ------------------------------------------------------------------------------------

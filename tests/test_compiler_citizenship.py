@@ -153,6 +153,7 @@ _CACHE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_fx_graph_cache_hits_in_new_process(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(_CACHE_SCRIPT.format(repo=REPO))

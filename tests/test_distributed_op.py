@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from _dist_util import WorkerPool
-from helpers import float64_reference, loss_and_grads, make_inputs, rel_err
+from helpers import float64_reference, loss_and_grads, make_inputs, option_grid, rel_err
 from helpers import reference_linear_cross_entropy as reference_lce
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -94,12 +94,11 @@ def _grid_worker(rank, world, device="cpu"):
     torch.manual_seed(0)
     failures = []
     check = functools.partial(_check_case, device=device)
-    grid = itertools.product([False, True], ["mean", "sum", "none"], [0.0, 0.1], [None, 3.0], [1.0, 0.7],
-                             [False, True])
-    for i, (bias, red, ls, cap, scale, lse) in enumerate(grid):
-        kw = dict(reduction=red, label_smoothing=ls, softcap=cap, logit_scale=scale, return_lse=lse)
+    for i, kw in enumerate(option_grid()):
+        kw = dict(kw)
+        bias = kw.pop("bias")
         check(rank, world, f"f64 {kw} bias={bias}", torch.float64, 1e-10, (2, 7), 12, 37, bias=bias,
-                    failures=failures, seed=i, **kw)
+              failures=failures, seed=i, **kw)
     for i, (bias, red, ls, cap) in enumerate(itertools.product([False, True], ["mean", "none"], [0.0, 0.2],
                                                                [None, 2.5])):
         kw = dict(reduction=red, label_smoothing=ls, softcap=cap, logit_scale=1.3, return_lse=True)
@@ -352,7 +351,7 @@ def _compile_worker(rank, world, backend):
     return failures
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_torch_compile_fullgraph(workers, backend):
     for failures in workers.run(_compile_worker, backend, timeout=240):
         assert not failures, "\n".join(failures)

@@ -181,6 +181,7 @@ def _ddp_worker(rank, world, device="cpu", dtype=torch.float64, inner="aot_eager
     return failures
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(workers):
     for failures in workers.run(_ddp_worker, timeout=180):
         assert not failures, "\n".join(failures)
@@ -330,7 +331,7 @@ def _tp_worker(rank, world, variant, inner, device="cpu", dtype=torch.float64):
     ((True, "softcap", "loss_parallel"), "aot_eager"),
     ((True, "scale", "seq_parallel"), "aot_eager"),
     ((True, "softcap", "gathered"), "aot_eager"),
-    ((True, None, "loss_parallel"), "inductor"),
+    pytest.param((True, None, "loss_parallel"), "inductor", marks=pytest.mark.slow),
 ])
 def test_tensor_parallel_loss_parallel_is_rewritten(workers, variant, inner):
     for failures in workers.run(_tp_worker, variant, inner, timeout=240):
@@ -532,6 +533,7 @@ def _hf_worker(rank, world, mode):
     return failures, [rw.notes for r in results for rw in r.rewrites]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fsdp2", "tp"])
 def test_hf_llama(workers, mode):
     pytest.importorskip("transformers")

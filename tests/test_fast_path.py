@@ -2,8 +2,6 @@
 Triton kernels under the interpreter), torch.compile (aot_eager, inductor), the in-place backward (no
 second V x D buffer, eagerly or compiled), retain_graph, path selection by flags, opcheck."""
 import contextlib
-import itertools
-import os
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from cce_inductor import select
 from cce_inductor.reference import reference_linear_cross_entropy
 from cce_inductor.select import use_triton_on_cpu
 
-from helpers import make_inputs, rel_err
+from helpers import TRITON_ON_CPU, make_inputs, needs_interpreter, option_grid, option_id, rel_err
 
 UPSTREAM = 0.37  # a non-power-of-two factor after the loss (as sum / num_items gives)
 
@@ -45,12 +43,10 @@ def spy_fast(monkeypatch):
     yield calls
 
 
-OPTIONS = list(itertools.product([False, True], ["mean", "sum"], [0.0, 0.1], [None, 4.0], [1.0, 0.5]))
-
-
-@pytest.mark.parametrize("bias,reduction,label_smoothing,softcap,logit_scale", OPTIONS)
-def test_fast_path_every_option_fp32(bias, reduction, label_smoothing, softcap, logit_scale, monkeypatch):
-    kw = dict(reduction=reduction, label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale)
+@pytest.mark.parametrize("kw", option_grid(reductions=("mean", "sum"), return_lse=(False,)), ids=option_id)
+def test_fast_path_every_option_fp32(kw, monkeypatch):
+    kw = dict(kw)
+    bias = kw.pop("bias")
     h, w, b, t = make_inputs((3, 7), 16, 37, torch.float32, bias=bias, scale=4.0)
     with spy_fast(monkeypatch) as calls:
         loss, grads = grads_of(cce_inductor.linear_cross_entropy, h, w, b, t, path="fast", **kw)
@@ -62,14 +58,13 @@ def test_fast_path_every_option_fp32(bias, reduction, label_smoothing, softcap, 
         assert g.dtype == torch.float32 and rel_err(g, r) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)],
+                         ids=["bf16", "fp16"])
 @pytest.mark.parametrize("softcap,label_smoothing,reduction", [(None, 0.0, "mean"), (30.0, 0.1, "sum")])
-@pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
+@pytest.mark.parametrize("triton", TRITON_ON_CPU)
 def test_16bit_fast_path_as_exact_as_eager(dtype, softcap, label_smoothing, reduction, triton):
     """Relative error vs float64 within 1.5x eager's own at the same dtype, with several token chunks (the
     compensated d_weight accumulation) and a non-power-of-two upstream gradient."""
-    if triton and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     kw = dict(softcap=softcap, label_smoothing=label_smoothing, reduction=reduction)
     h, w, b, t = make_inputs((64,), 48, 301, dtype, bias=True, scale=8.0)
     for remainder in ("int8", "int4"):
@@ -98,7 +93,7 @@ def test_auto_takes_the_low_memory_scheme_when_the_budget_is_too_small(monkeypat
         assert rel_err(g, r) < 1e-5
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+@needs_interpreter
 def test_auto_low_memory_scheme_on_triton():
     """Forming the gradients with the low-memory kernels inside the forward gives exactly the low-memory
     path's gradients (upstream gradient 1: other factors add one rounding, see ops/fast.py)."""
@@ -243,7 +238,8 @@ def test_opcheck_fast_op():
                                       "test_aot_dispatch_dynamic"))
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+@needs_interpreter
+@pytest.mark.slow
 @pytest.mark.parametrize("upstream", [1.0, 1 / 3])
 def test_triton_fast_path_errors_match_eager_bf16(upstream):
     """With the kernels' round-to-nearest conversions the Triton fast path over 4 token chunks has eager's

@@ -6,20 +6,16 @@ backend, asserts exactly one rewrite, and compares the loss and every gradient w
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers import check
+from helpers import check, fuzz_examples
 
-# CI: a fixed, derandomized budget. Locally: CCE_FUZZ_EXAMPLES=500 CCE_FUZZ_INDUCTOR_EXAMPLES=50
-# CCE_FUZZ_RANDOM=1 for a longer random run.
-N_EXAMPLES = int(os.environ.get("CCE_FUZZ_EXAMPLES", "40"))
-N_INDUCTOR_EXAMPLES = int(os.environ.get("CCE_FUZZ_INDUCTOR_EXAMPLES", "3"))  # ~5 s each on a CPU
-DERANDOMIZE = os.environ.get("CCE_FUZZ_RANDOM") != "1"
+# Budgets: shares of the hypothesis profile (conftest.py): quick 40 / 3, ci 150 / 11, long 1000 / 75 examples
+# (--hypothesis-profile=long is random rather than derandomized).
 
 MATMULS = ["linear", "linear_bias", "at_T", "matmul_t", "einsum", "plus_bias", "addmm2d", "mm2d"]
 LAYOUTS = ["flat_view", "flatten", "shift_slice", "class_dim", "hidden_2d"]
@@ -132,7 +128,7 @@ def build(f):
     return fn, (h, w, b, y)
 
 
-@settings(max_examples=N_EXAMPLES, deadline=None, derandomize=DERANDOMIZE, suppress_health_check=list(HealthCheck))
+@settings(max_examples=fuzz_examples())
 @given(forms())
 @example(
     f={'B': 1,
@@ -161,8 +157,7 @@ def test_fuzz_aot_eager(f):
     check(fn, args, 1, inner="aot_eager", rtol=tol, atol=tol)
 
 
-@settings(max_examples=N_INDUCTOR_EXAMPLES, deadline=None, derandomize=DERANDOMIZE,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=fuzz_examples(0.075))  # ~5 s each on a CPU
 @given(forms())
 def test_fuzz_inductor(f):
     torch._dynamo.reset()

@@ -12,18 +12,15 @@ it requires grad, and every gradient equal eager's; if it was not, the pass repo
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import _reset_dynamo, compile_counting  # noqa: F401
+from helpers import _reset_dynamo, compile_counting, fuzz_examples  # noqa: F401
 
-# CI: a fixed, derandomized budget. Locally: CCE_FUZZ_SEMANTICS_EXAMPLES=2000 CCE_FUZZ_RANDOM=1.
-N_EXAMPLES = int(os.environ.get("CCE_FUZZ_SEMANTICS_EXAMPLES", "60"))
-DERANDOMIZE = os.environ.get("CCE_FUZZ_RANDOM") != "1"
+# Budget: 1.5x the hypothesis profile's (conftest.py): quick 60, ci 225, long 1500 (random) examples.
 
 WRITES = ["none", "logits_setitem", "logits_mul_", "logits_view_setitem", "logits_masked_fill_", "logits_iadd",
           "logits_foreach_mul_", "logits_checkpoint_mul_", "logits_hook", "no_grad_step",
@@ -166,8 +163,7 @@ def _tolerance(p):
                                                                                                   atol=1e-10)
 
 
-@settings(max_examples=N_EXAMPLES, deadline=None, derandomize=DERANDOMIZE,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=fuzz_examples(1.5))
 @given(programs())
 def test_rewrite_equals_eager_or_is_reported(p):
     torch._dynamo.reset()

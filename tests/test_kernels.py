@@ -1,24 +1,20 @@
 """Triton kernels vs a float64 reference, under the Triton interpreter on CPU tensors (small shapes)."""
-import os
-
 import pytest
 import torch
+import triton
+import triton.language as tl
+from hypothesis import given, settings, strategies as st
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py when CUDA is absent)", allow_module_level=True)
+from cce_inductor.kernels import KernelConfig, triton_backward, triton_forward
+from cce_inductor.kernels.common import to_rne
+from cce_inductor.kernels.config import INTERPRETER_CONFIG, chunk_width, forward_splits
+from cce_inductor.options import LossOptions
+from cce_inductor.reference import reference_loss_and_grads, rel_err
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from helpers import OPTION_CASES, dtype_params, fuzz_examples, needs_interpreter, poison  # noqa: F401  (a fixture)
+from helpers import kernel_inputs as make_inputs
 
-from cce_inductor.kernels import KernelConfig, triton_backward, triton_forward  # noqa: E402
-from cce_inductor.kernels.config import INTERPRETER_CONFIG, chunk_width, forward_splits  # noqa: E402
-from cce_inductor.reference import reference_loss_and_grads, rel_err  # noqa: E402
-from cce_inductor.options import LossOptions  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from cce_inductor.kernels.common import to_rne  # noqa: E402
-
-from helpers import kernel_inputs as make_inputs, poison  # noqa: E402,F401  (poison: a fixture)
+pytestmark = needs_interpreter
 
 # Forces several vocab splits in the forward and several vocab chunks in the backward on tiny shapes.
 SMALL = INTERPRETER_CONFIG.with_(splits=3, chunk_cols=32)
@@ -64,15 +60,9 @@ def run_and_check(h, w, b, t, opts, cfg, gen, with_glse=True, grad_tol=None, exp
     return loss, dh, dw, db
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize(
-    "has_bias,opts",
-    [
-        (False, LossOptions()),
-        (True, LossOptions(label_smoothing=0.1, softcap=3.0, logit_scale=0.7)),
-    ],
-    ids=["plain", "bias-smooth-softcap-scale"],
-)
+@pytest.mark.parametrize("dtype", dtype_params("fp32", "fp16", "bf16"))
+@pytest.mark.parametrize("has_bias,opts", [OPTION_CASES["plain"], OPTION_CASES["bias-smooth-softcap-scale"]],
+                         ids=["plain", "bias-smooth-softcap-scale"])
 def test_matches_float64_with_splits_and_chunks(dtype, has_bias, opts, poison):
     gen = torch.Generator().manual_seed(1)
     N, D, V = 37, 40, 70  # nothing a multiple of the 16-wide blocks
@@ -84,7 +74,7 @@ def test_matches_float64_with_splits_and_chunks(dtype, has_bias, opts, poison):
         run_and_check(h, w, b, t, opts, SMALL.with_(dhidden_remainder="float"), gen)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", dtype_params("bf16", "fp16"))
 def test_dhidden_remainder_keeps_the_fp32_sum(dtype, poison):
     """32 vocab chunks summed into a 16-bit d_hidden match one chunk (a single rounding of the fp32 sum)
     as closely as the remainder allows; dropping the remainder ("none") is visibly worse."""
@@ -180,7 +170,7 @@ def test_large_target_does_not_wrap_into_range():
     assert torch.isnan(loss[1]) and not torch.isnan(loss[[0, 2, 3]]).any()
 
 
-@settings(max_examples=6, deadline=None, derandomize=True)
+@settings(max_examples=fuzz_examples(0.15))
 @given(
     N=st.integers(1, 40), D=st.integers(1, 36), V=st.integers(2, 70),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
@@ -217,7 +207,7 @@ def test_inputs_that_require_grad():
     assert dw.shape == w.shape and not dw.requires_grad
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", dtype_params("bf16", "fp16"))
 def test_dhidden_cublas_fold_variant(dtype, poison):
     """The "cublas_fold" d_hidden scheme (config.low_memory_dhidden: float32 products folded into hi +
     remainder, several slabs of rows) gives d_hidden as exactly as the Triton accumulate kernel, with every

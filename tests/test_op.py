@@ -1,6 +1,5 @@
 """The op on its CPU path (chunked PyTorch): every option against a float64 reference, fuzzing, opcheck,
 torch.compile, autocast and bad input."""
-import itertools
 import math
 
 import pytest
@@ -9,25 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cce_inductor
-from cce_inductor.torch_impl import common as torch_common
 from cce_inductor.reference import reference_linear_cross_entropy
+from cce_inductor.select import use_triton_on_cpu
+from cce_inductor.torch_impl import common as torch_common
 
-from helpers import float64_reference, loss_and_grads, make_inputs, rel_err
-
-OPTION_GRID = list(itertools.product(
-    [False, True],            # bias
-    ["mean", "sum", "none"],  # reduction
-    [0.0, 0.1],               # label_smoothing
-    [None, 4.0],              # softcap
-    [1.0, 0.5],               # logit_scale
-    [False, True],            # return_lse
-))
+from helpers import (TRITON_ON_CPU, float64_reference, fuzz_examples, loss_and_grads, make_inputs, option_grid,
+                     option_id, rel_err)
 
 
-@pytest.mark.parametrize("bias,reduction,label_smoothing,softcap,logit_scale,return_lse", OPTION_GRID)
-def test_every_option_matches_float64_in_fp32(bias, reduction, label_smoothing, softcap, logit_scale, return_lse):
-    kw = dict(reduction=reduction, label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale,
-              return_lse=return_lse)
+@pytest.mark.parametrize("kw", option_grid(), ids=option_id)
+def test_every_option_matches_float64_in_fp32(kw):
+    kw = dict(kw)
+    bias, return_lse = kw.pop("bias"), kw["return_lse"]
     h, w, b, t = make_inputs((3, 7), 16, 37, torch.float32, bias=bias, scale=4.0)
     loss, lse, grads = loss_and_grads(cce_inductor.linear_cross_entropy, h, w, b, t, **kw)
     rloss, rlse, rgrads = float64_reference(h, w, b, t, **kw)
@@ -63,7 +55,7 @@ def test_chunking_does_not_change_results(monkeypatch):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=fuzz_examples())
 @given(
     n=st.integers(1, 40), d=st.integers(1, 33), v=st.integers(2, 70),
     ignore_frac=st.sampled_from([0.0, 0.5, 0.95]),
@@ -221,15 +213,9 @@ def test_out_of_range_target_under_compile_is_nan_not_garbage():
     assert math.isnan(out[2].item()) and not out[[0, 1, 3]].isnan().any()
 
 
-@pytest.mark.parametrize("triton_on_cpu", [False, True])
+@pytest.mark.parametrize("triton_on_cpu", TRITON_ON_CPU)
 def test_lse_alone_backpropagates(triton_on_cpu):
     """Only the lse output used (a z-loss with the loss discarded): the loss's gradient arrives as None."""
-    import os
-
-    from cce_inductor.select import use_triton_on_cpu
-
-    if triton_on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
     h, w, _, t = make_inputs((5,), 16, 40, torch.float32)
     with use_triton_on_cpu(triton_on_cpu):
         _, lse = cce_inductor.linear_cross_entropy(h, w, t, reduction="none", return_lse=True)
@@ -240,16 +226,10 @@ def test_lse_alone_backpropagates(triton_on_cpu):
     assert rel_err(dh, rdh) < 1e-5 and rel_err(dw, rdw) < 1e-5
 
 
-@pytest.mark.parametrize("triton_on_cpu", [False, True])
+@pytest.mark.parametrize("triton_on_cpu", TRITON_ON_CPU)
 @pytest.mark.parametrize("compiled", [False, True])
 def test_frozen_weight_skips_its_gradient(triton_on_cpu, compiled):
     """A frozen lm-head (LoRA, frozen embeddings): d_hidden exact, no d_weight computed or returned."""
-    import os
-
-    from cce_inductor.select import use_triton_on_cpu
-
-    if triton_on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
     h, w, b, t = make_inputs((3, 5), 16, 40, torch.float32, bias=True)
     w = w.detach()  # frozen
     fn = lambda h, w, t, b: cce_inductor.linear_cross_entropy(h, w, t, bias=b, softcap=3.0)  # noqa: E731

@@ -224,6 +224,7 @@ def test_logging(caplog):
     assert any("rewrote cross_entropy" in rec.getMessage() for rec in caplog.records)
 
 
+@pytest.mark.slow
 def test_torch_logs_shows_our_logger(tmp_path):
     """``TORCH_LOGS=cce_inductor`` turns our INFO lines on (registered with torch._logging)."""
     import os
@@ -262,6 +263,7 @@ def test_tensor_subclass_weight_is_left_alone():
     torch.testing.assert_close(out.b, f(h, w, t))
 
 
+@pytest.mark.slow
 def test_backend_name_works_without_importing_us(tmp_path):
     """``backend="cce"`` resolves through the ``torch_dynamo_backends`` entry point of the installed
     package: the user's script never imports cce_inductor."""
