@@ -5,6 +5,8 @@
 #   PART=b     token sweep 8k-64k (cce.op, cce.backend, torch.compile, Liger) and train_lm on CUDA
 #   PART=step  the step benchmark over HF architectures (STEP_BENCH_ARGS, e.g. "--layers 16")
 #   PART=dist  2 GPUs: the NCCL tests and distributed_bench.py (DDP / FSDP2 / TP)
+#   PART=speed the fast path's d_weight accumulator variants at the Llama-3.2-1B shape (sweep, 8k-64k tokens) and
+#              a kernel-time profile at 32k, after the CUDA tests and the peers table
 #   PART=harness  a check of every benchmark on one GPU in one call: the CUDA tests, the peers table,
 #              fast_path_check.py --quick --kernels, sweep.py --large-n, a 2-layer Llama step_bench run
 # Peers (optional) come as wheels in .whl/ (cut-cross-entropy 25.1.1, liger-kernel 0.8.5, --no-deps);
@@ -47,6 +49,20 @@ dist)
   timeout 340 torchrun --nproc-per-node 2 benchmarks/distributed_bench.py --budget-s 300 \
     > "$OUT/distributed.log" 2>&1  # and $OUT/distributed_bench.json
   tail -30 "$OUT/distributed.log"
+  ;;
+speed)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_fast.py \
+    tests/test_rewrite_cuda.py 2>&1 | tail -15 | tee "$OUT/cuda_tests.log"
+  [ -f .bench/peers.py ] && timeout 110 python3 .bench/peers.py --regimes zipf --reps 50 > "$OUT/peers.log" 2>&1
+  tail -24 "$OUT/peers.log"
+  timeout 200 python3 benchmarks/sweep.py --shapes llama3.2-1b --regime flat --warmup 10 --rep 40 \
+    --methods "torch.compile,floor,cce.op,cce.op@fast_path_remainder=int8,cce.op@fast_path_max_tokens_per_chunk=8192,cce.op@fast_path_memory_fraction=0.5;fast_path_max_tokens_per_chunk=8192" \
+    > "$OUT/sweep_variants.log" 2>&1
+  tail -14 "$OUT/sweep_variants.log"
+  timeout 80 python3 benchmarks/loss_head_profile.py --shape llama3.2-1b --tokens 32768 \
+    --methods "torch.compile,floor,cce.op@fast_path_remainder=int8,cce.op@fast_path_max_tokens_per_chunk=8192" \
+    2>&1 | grep -v USDT > "$OUT/profile.log"
+  cat "$OUT/profile.log"
   ;;
 harness)
   timeout 140 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_fast.py 2>&1 \

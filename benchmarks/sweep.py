@@ -7,6 +7,9 @@ Methods (each skipped when not importable), with the naming of ``shared/bench/pe
   cce.backend      the eager code under torch.compile(backend="cce")
   apple_cce        cut_cross_entropy.linear_cross_entropy (default gradient filter)
   liger_flce       liger_kernel's LigerFusedLinearCrossEntropyLoss
+  floor            the 3 bf16 matmuls any exact method with the logits kept does (E·Cᵀ, G·C, Gᵀ·E), nothing else
+  cce.op@K=V;K=V   cce.op under cce_inductor.config.patch(K=V, ...): a variant of the op's knobs, e.g.
+                   cce.op@fast_path_remainder=fp32;fast_path_max_tokens_per_chunk=8192 (asked for by name only)
 
 Shapes: gemma2 (D=2304, V=256000) and llama3 (D=4096, V=128256) by default (any of benchmarks/harness/
 shapes.py), bf16, N = 8192 ... 65536 tokens. Per cell: fwd+bwd median time (triton.testing.do_bench),
@@ -62,9 +65,52 @@ def _peer(name):
 PEERS = {"apple_cce": ("cut_cross_entropy", "cut-cross-entropy"), "liger_flce": ("liger_kernel", "liger-kernel")}
 
 
-def build_methods(device):
-    """The methods importable here; the packages they come from (cce_inductor's version, peers' distributions)."""
-    methods, found = {"eager": eager, "torch.compile": torch.compile(eager)}, {}
+class _ThreeMatmuls(torch.autograd.Function):
+    """The floor: the logits matmul in the forward, and the two gradient matmuls with the logits standing in for
+    their gradient in the backward (the same shapes and dtypes as an exact method that keeps the logits)."""
+
+    @staticmethod
+    def forward(ctx, e, c):
+        z = e @ c.T
+        ctx.save_for_backward(e, c, z)
+        return z[0, 0].float()
+
+    @staticmethod
+    def backward(ctx, _):
+        e, c, z = ctx.saved_tensors
+        return z @ c, z.T @ e
+
+
+def floor(e, c, t):
+    return _ThreeMatmuls.apply(e, c)
+
+
+def config_variant(name):
+    """``cce.op@K=V;K=V``: the op under ``cce_inductor.config.patch`` of those knobs (values parsed as Python
+    literals where they are one: ints, floats, None; strings otherwise)."""
+    import ast
+
+    import cce_inductor
+
+    knobs = {}
+    for item in name.split("@", 1)[1].split(";"):
+        k, v = item.split("=", 1)
+        try:
+            knobs[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            knobs[k] = v
+
+    def fn(e, c, t):
+        with cce_inductor.config.patch(**knobs):
+            return cce_inductor.linear_cross_entropy(e, c, t)
+    return fn
+
+
+def build_methods(device, asked=()):
+    """The methods importable here (and the ``cce.op@...`` variants in ``asked``); the packages they come from
+    (cce_inductor's version, peers' distributions)."""
+    methods, found = {"eager": eager, "torch.compile": torch.compile(eager), "floor": floor}, {}
+    methods.update({m: config_variant(m) for m in asked if m.startswith("cce.op@")})
     try:
         import cce_inductor
 
@@ -226,9 +272,10 @@ def main(argv=None):
     import triton
 
     t_start = time.time()
-    methods, found = build_methods(a.device)
-    if a.methods:
-        methods = {k: v for k, v in methods.items() if k in a.methods.split(",")}
+    asked = a.methods.split(",") if a.methods else []
+    methods, found = build_methods(a.device, asked)
+    if asked:
+        methods = {k: methods[k] for k in asked if k in methods}
     run = versions(tuple(d for _, d in PEERS.values()))
     pkg = {k: (v if k == "cce_inductor" else run.get(v, "?")) for k, v in found.items()}
     header = dict(gpu=gpu_name(a.device), date=now(date_only=True), torch=torch.__version__,
@@ -252,7 +299,7 @@ def main(argv=None):
                 continue
             for m, fn in methods.items():
                 r = dict(shape=name, N=N, D=D, V=V, method=m, mm_ms=mm)
-                r.update(run_cell(fn, e, c, t, ref, a.warmup, a.rep, a.device))
+                r.update(run_cell(fn, e, c, t, None if m == "floor" else ref, a.warmup, a.rep, a.device))
                 print(json.dumps(r), flush=True)
                 rows.append(r)
             del e, c, t, ref

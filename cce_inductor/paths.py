@@ -78,12 +78,30 @@ def fold_slab_rows(cols: int, slab_bytes: int) -> int:
 
 
 def remainder_bytes(V: int, D: int, remainder: str, slab_bytes: int) -> int:
-    """Bytes of the d_weight accumulator beyond the gradient itself: the rounding remainder, and (16-bit,
-    several chunks) the float32 product slab of the cuBLAS + fold scheme (counted whichever scheme runs)."""
+    """Bytes of the d_weight accumulator beyond the gradient itself, by format: "fp32" a float32 [V, D]
+    buffer; "int8"/"int4" the rounding remainder and the float32 product slab of the cuBLAS + fold scheme
+    (counted whichever scheme fills it); "none" (one chunk, or fp32 inputs) nothing."""
     if remainder == "none":
         return 0
+    if remainder == "fp32":
+        return V * D * 4
     slab = min(V, fold_slab_rows(D, slab_bytes)) * D * 4
     return {"int8": V * D, "int4": V * ((D + 1) // 2)}[remainder] + slab
+
+
+# Predicted bytes of memory traffic per d_weight element, per token chunk after the first, by accumulator
+# format (the time model that ranks plans): "fp32" cuBLAS reads and writes the float32 sum in its epilogue
+# (8), plus one 6-byte pass to round it at the end; "int8"/"int4" write and read a float32 product slab
+# (8) and read and write the 16-bit value and its remainder (~6). Ties go to fewer chunks, then to the
+# order of ACCUMULATORS (the more exact first).
+ACCUMULATORS = ("fp32", "int8", "int4")
+PASS_BYTES = {"fp32": 8, "int8": 14, "int4": 14, "none": 0}
+FINAL_BYTES = {"fp32": 6, "int8": 0, "int4": 0, "none": 0}
+
+
+def plan_cost(plan: "FastPlan") -> tuple:
+    """How plans are ranked: predicted accumulator traffic (per weight element), then chunks."""
+    return (max(0, plan.n_chunks - 1) * PASS_BYTES[plan.remainder] + FINAL_BYTES[plan.remainder], plan.n_chunks)
 
 
 def _tokens_for(N: int, max_tokens: int) -> tuple[int, int]:
@@ -125,16 +143,14 @@ def plan_fast(N, D, V, dtype: torch.dtype, *, memory_fraction: Optional[float] =
     budget = budget_bytes(N, D, V, dtype, fraction)
     exact_acc = e >= 4  # fp32/fp64 accumulate in place: no remainder
 
-    def rem_for(n_chunks: int, pref: str) -> str:
-        if exact_acc or n_chunks <= 1:
-            return "none"
-        return "int8" if pref == "auto" else pref
-
-    if tokens is not None:
+    if tokens is not None:  # the chunk is fixed: "auto" takes the first format that keeps within the budget
         nc, n = _tokens_for(N, max(1, int(tokens)))
-        rem = rem_for(n, rem_pref)
-        if rem_pref == "auto" and rem != "none" and nc * V * e + rem_bytes("int8") > budget:
-            rem = "int4"  # the chunk is fixed: int8 unless only int4 keeps the workspace within the budget
+        if exact_acc or n <= 1:
+            rem = "none"
+        elif rem_pref != "auto":
+            rem = rem_pref
+        else:
+            rem = next((r for r in ACCUMULATORS if nc * V * e + rem_bytes(r) <= budget), ACCUMULATORS[-1])
         return FastPlan(nc, n, rem, nc * V * e + rem_bytes(rem), budget)
     if N == 0:
         return FastPlan(0, 0, "none", 0, budget)
@@ -142,7 +158,7 @@ def plan_fast(N, D, V, dtype: torch.dtype, *, memory_fraction: Optional[float] =
     if N * V * e <= budget and N <= max_tokens:  # one chunk: no remainder
         candidates.append(FastPlan(N, 1, "none", N * V * e, budget))
     else:
-        prefs = ["none"] if exact_acc else (["int8", "int4"] if rem_pref == "auto" else [rem_pref])
+        prefs = ["none"] if exact_acc else (list(ACCUMULATORS) if rem_pref == "auto" else [rem_pref])
         for rem in prefs:
             room = budget - rem_bytes(rem)
             if room < min(N, min_tokens) * V * e:
@@ -155,9 +171,9 @@ def plan_fast(N, D, V, dtype: torch.dtype, *, memory_fraction: Optional[float] =
             return None
         return plan_fast(N, D, V, dtype, memory_fraction=fraction, tokens_per_chunk=min_tokens,
                          remainder="int4" if rem_pref == "auto" else rem_pref, settings=cfg)
-    # Fewest chunks (each one is a read-modify-write pass over d_weight); on a tie the first (int8:
-    # the more exact remainder).
-    return min(candidates, key=lambda p: p.n_chunks)
+    # Least predicted accumulator traffic (each chunk is a read-modify-write pass over d_weight); on a tie
+    # the first candidate (the more exact format).
+    return min(candidates, key=plan_cost)
 
 
 def fast_path_refusal(path: str, reduction: str, return_lse: bool, needs_grad: bool) -> Optional[str]:

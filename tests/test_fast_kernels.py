@@ -57,9 +57,10 @@ def test_fast_forward_matches_float64(dtype, case, reduction, poison):
     N, D, V = 37, 40, 70  # nothing a multiple of the 16-wide blocks
     h, w, b, t = make_inputs(N, D, V, dtype, has_bias, gen)
     t[[3, 11]] = opts.ignore_index
-    # Every remainder format with every option is the costly part under the interpreter: all three formats
-    # with the all-options case, the default (int4) with the others.
-    remainders = ["int8"] if dtype == torch.float32 else (["int8", "int4", "float"] if case == 1 else ["int4"])
+    # Every accumulator format with every option is the costly part under the interpreter: all formats with
+    # the all-options case, int4 with the others.
+    remainders = (["int8"] if dtype == torch.float32 else
+                  ["fp32", "int8", "int4", "float"] if case == "bias-smooth-softcap-scale" else ["int4"])
     for rem in remainders:
         check_fast(h, w, b, t, opts, reduction, tokens=8, remainder=rem)  # 5 chunks, last one partial
     check_fast(h, w, b, t, opts, reduction, tokens=N, remainder="int4")  # one chunk: cuBLAS writes d_weight
@@ -77,9 +78,9 @@ def test_weight_remainder_keeps_the_fp32_sum(dtype, poison):
     run = lambda hh, tt, tokens, rem: triton_fast_forward(  # noqa: E731
         hh, w, None, tt, opts, reduction="sum", tokens_per_chunk=tokens, remainder=rem, config=INTERPRETER_CONFIG)[2]
     err = {"one": rel_err(run(h, t, N, "int8"), ref)}
-    for rem in ("int8", "int4", "float"):
+    for rem in ("fp32", "int8", "int4", "float"):
         err[rem] = rel_err(run(h, t, 8, rem), ref)
-    assert max(err["int8"], err["float"]) < 1.1 * err["one"] and err["int4"] < 1.25 * err["one"], err
+    assert max(err["fp32"], err["int8"], err["float"]) < 1.1 * err["one"] and err["int4"] < 1.25 * err["one"], err
 
 
 def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -81,7 +81,9 @@ def test_config_knobs_change_the_plan():
     with config.patch(fast_path_tokens_per_chunk=1000):
         p = plan_fast(N, D, V, torch.bfloat16)
         assert p.tokens_per_chunk == 960 and p.n_chunks == 9  # at most the request, 64-aligned, balanced
-        assert p.remainder == "int8"  # "auto": the chunk is fixed and int8 fits the budget
+        assert p.remainder == "fp32"  # "auto": the chunk is fixed and a float32 accumulator fits the budget
+    with config.patch(fast_path_tokens_per_chunk=2048, fast_path_memory_fraction=0.6):
+        assert plan_fast(N, D, V, torch.bfloat16).remainder == "int8"  # no room for fp32, int8 fits
     with config.patch(fast_path_tokens_per_chunk=4096, fast_path_memory_fraction=0.5):
         assert plan_fast(N, D, V, torch.bfloat16).remainder == "int4"  # only int4 keeps it nearer the budget
     with config.patch(path="low_memory"):

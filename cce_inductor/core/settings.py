@@ -12,7 +12,7 @@ from typing import Optional
 from .. import config
 
 PATHS = ("auto", "fast", "low_memory")
-REMAINDERS = ("auto", "int8", "int4")
+REMAINDERS = ("auto", "fp32", "int8", "int4")
 WEIGHT_ACCUMULATE = ("auto", "triton", "cublas_fold")
 FORWARD_KERNELS = ("auto", "fused", "chunked")
 LOW_MEMORY_DHIDDEN = ("triton", "cublas_fold", "cublas_fp32")

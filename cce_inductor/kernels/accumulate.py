@@ -189,6 +189,18 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor
 
 
 
+def accumulate_fp32(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor, *, first: bool) -> None:
+    """``acc (fp32) = a @ b`` (first) or ``acc += a @ b``, with the sum kept in float32 throughout: on CUDA one
+    cuBLAS call reading and writing the float32 accumulator in its epilogue (beta = 1; 16-bit operands on the
+    tensor cores), elsewhere an upcast matmul."""
+    if first:
+        mm_fp32(a, b, acc)
+    elif a.is_cuda and a.dtype != torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
 def accumulate_matmul_cublas(a: torch.Tensor, b: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor],
                              p_buf: torch.Tensor, *, first: bool, last: bool, lo_mode: str) -> None:
     """Same contract as :func:`accumulate_matmul`, computed as cuBLAS float32 products of ``p_buf.shape[0]``

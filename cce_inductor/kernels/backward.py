@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..options import LossOptions
 from ..paths import fold_slab_rows
-from .accumulate import accumulate_matmul, accumulate_matmul_cublas, new_remainder
+from .accumulate import accumulate_fp32, accumulate_matmul, accumulate_matmul_cublas, new_remainder
 from .common import logits_tile, to_rne
 from .config import KernelConfig, cdiv, chunk_width, pick_config
 from .launch import check_kernel_inputs, dot_precision
@@ -162,10 +162,7 @@ def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, con
         if d_weight is not None:
             torch.mm(draw.t(), hidden, out=d_weight[v0:v0 + w])
         if acc32 is not None:
-            if c == 0:
-                torch.mm(draw, w_chunk, out_dtype=torch.float32, out=acc32)
-            else:
-                torch.addmm(acc32, draw, w_chunk, out_dtype=torch.float32, out=acc32)
+            accumulate_fp32(draw, w_chunk, acc32, first=c == 0)
         elif p_buf is not None:
             accumulate_matmul_cublas(draw, w_chunk, d_hidden, d_hidden_lo, p_buf, first=c == 0,
                                      last=c == n_chunks - 1, lo_mode=lo_mode)

@@ -9,10 +9,14 @@ Per chunk of Nc tokens (``X_c = hidden[s:e]``):
      1 for "sum", 0 for an ignored row, NaN for an out-of-range target). Scaling before the rounding is
      what eager does.
   3. ``d_hidden[s:e] = G @ W`` by cuBLAS, written once.
-  4. ``d_weight += G^T @ X_c`` into a 16-bit hi + int8/int4 remainder (so the fp32 sum is kept across
-     chunks), as ``KernelConfig.weight_accumulate`` says: cuBLAS float32 products of a vocabulary slab
-     folded into hi/lo (``accumulate_matmul_cublas``, the CUDA default) or one Triton matmul with the fold
-     in its epilogue (``accumulate_matmul``); cuBLAS addmm for fp32, a plain cuBLAS matmul for one chunk.
+  4. ``d_weight += G^T @ X_c``, the fp32 sum kept across chunks in one of the accumulator formats the plan
+     chose (``remainder``): "fp32", a float32 [V, D] buffer that cuBLAS reads and writes in its epilogue
+     (``accumulate_fp32``; 4 bytes per weight element of memory, 8 of traffic per chunk), or the 16-bit
+     gradient itself plus an int8/int4 rounding remainder (1 or 1/2 byte per element), filled as
+     ``KernelConfig.weight_accumulate`` says: cuBLAS float32 products of a vocabulary slab folded into
+     hi/lo (``accumulate_matmul_cublas``, the CUDA default: ~14 bytes of traffic per element per chunk) or
+     one Triton matmul with the fold in its epilogue (``accumulate_matmul``); cuBLAS addmm for fp32 inputs,
+     a plain cuBLAS matmul for one chunk.
   5. ``d_bias += G.sum(0)`` in fp32.
 The count of non-ignored targets is computed on the device before the loop: no host synchronisation.
 
@@ -30,7 +34,7 @@ import triton.language as tl
 from ..core.reduce import reduce_loss, reduction_weight
 from ..options import LossOptions
 from ..paths import fold_slab_rows
-from .accumulate import accumulate_matmul, accumulate_matmul_cublas, new_remainder
+from .accumulate import accumulate_fp32, accumulate_matmul, accumulate_matmul_cublas, new_remainder
 from .common import tanh_f32, to_rne
 from .config import KernelConfig, pick_config
 from .launch import check_kernel_inputs, dot_precision
@@ -186,8 +190,12 @@ def _fast_forward(hidden, weight, bias, targets, opts, reduction, tokens_per_chu
     n_chunks = -(-N // nc)
     exact_acc = dtype == torch.float32
     lo_mode = "none" if (exact_acc or n_chunks == 1) else remainder
-    if lo_mode not in ("none", "int8", "int4", "float"):
-        raise ValueError(f"unknown remainder format {remainder!r}")
+    if lo_mode not in ("none", "int8", "int4", "float", "fp32"):
+        raise ValueError(f"unknown d_weight accumulator format {remainder!r}")
+    acc32 = None  # "fp32": the sum kept in a float32 [V, D] buffer by cuBLAS (beta = 1), rounded once at the end
+    if lo_mode == "fp32":
+        acc32 = torch.empty((V, D), device=dev, dtype=torch.float32) if d_weight is not None else None
+        lo_mode = "none"
     lo = new_remainder(V, D, lo_mode, dtype, dev) if (d_weight is not None and lo_mode != "none") else None
     p_buf = None  # the cuBLAS + fold scheme's float32 product slab (cfg.weight_accumulate)
     if lo is not None and cfg.weight_accumulate == "cublas_fold":
@@ -207,6 +215,8 @@ def _fast_forward(hidden, weight, bias, targets, opts, reduction, tokens_per_chu
                 torch.mm(z.t(), x, out=d_weight)
             elif exact_acc:
                 d_weight.addmm_(z.t(), x)
+            elif acc32 is not None:
+                accumulate_fp32(z.t(), x, acc32, first=i == 0)
             elif p_buf is not None:
                 accumulate_matmul_cublas(z.t(), x, d_weight, lo, p_buf, first=i == 0, last=i == n_chunks - 1,
                                          lo_mode=lo_mode)
@@ -216,6 +226,8 @@ def _fast_forward(hidden, weight, bias, targets, opts, reduction, tokens_per_chu
                                   n_fastest=cfg.dhidden_d_fastest)
         if d_bias is not None:
             d_bias += z.sum(dim=0, dtype=torch.float32)
+    if acc32 is not None:
+        d_weight.copy_(acc32)
     return reduce_loss(loss_rows, targets, opts.ignore_index, reduction, None), d_hidden, d_weight, d_bias
 
 
