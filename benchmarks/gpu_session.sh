@@ -7,6 +7,8 @@
 #   PART=dist  2 GPUs: the NCCL tests and distributed_bench.py (DDP / FSDP2 / TP)
 #   PART=speed the fast path's d_weight accumulator variants at the Llama-3.2-1B shape (sweep, 8k-64k tokens) and
 #              a kernel-time profile at 32k, after the CUDA tests and the peers table
+#   PART=final the CUDA tests and the op-level table: llama3.2-1b, gemma2, llama3-8b x 8k-64k tokens, torch.compile,
+#              the 3-matmul floor, cce.op, cce.backend, Liger
 #   PART=harness  a check of every benchmark on one GPU in one call: the CUDA tests, the peers table,
 #              fast_path_check.py --quick --kernels, sweep.py --large-n, a 2-layer Llama step_bench run
 # Peers (optional) come as wheels in .whl/ (cut-cross-entropy 25.1.1, liger-kernel 0.8.5, --no-deps);
@@ -63,6 +65,13 @@ speed)
     --methods "torch.compile,floor,cce.op@fast_path_remainder=int8,cce.op@fast_path_max_tokens_per_chunk=8192" \
     2>&1 | grep -v USDT > "$OUT/profile.log"
   cat "$OUT/profile.log"
+  ;;
+final)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_fast.py \
+    tests/test_rewrite_cuda.py 2>&1 | tail -4 | tee "$OUT/cuda_tests.log"
+  timeout 420 python3 benchmarks/sweep.py --shapes llama3.2-1b,gemma2,llama3-8b --regime flat --warmup 10 --rep 40 \
+    --methods "torch.compile,floor,cce.op,cce.backend,liger_flce" > "$OUT/sweep.log" 2>&1
+  tail -22 "$OUT/sweep.log"
   ;;
 harness)
   timeout 140 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_fast.py 2>&1 \

@@ -24,7 +24,7 @@ from typing import Optional
 path: str = "auto"
 
 # Memory budget of the fast path: its peak (the two gradients it returns + its workspace: one
-# [tokens_per_chunk, V] logits chunk, the d_weight rounding remainder and product slab) may be at most this
+# [tokens_per_chunk, V] logits chunk and the d_weight accumulator: float32 sum, or remainder and product slab) may be at most this
 # fraction of the peak of keeping the logits (the two gradients + the N x V logits in the input dtype), which
 # is what torch.compile's fused loss takes. 0.8 gives 4096-token chunks at the Gemma 2 and Llama 3 shapes
 # (8192 tokens); at 0.5 they were 1024/512-token chunks and, measured on an H200, slower than the low-memory
@@ -36,17 +36,21 @@ fast_path_memory_fraction: float = 0.8
 # (measured at 512 and 1024 tokens on an H200: slower than, or level with, the low-memory path).
 fast_path_min_tokens_per_chunk: int = 2048
 
-# Most tokens per chunk the budget may give (bigger chunks gain little once the d_weight passes are few,
-# and keep the memory flat as the tokens grow).
-fast_path_max_tokens_per_chunk: int = 4096
+# Most tokens per chunk the budget may give: fewer, larger chunks mean fewer passes over the d_weight
+# accumulator and larger matmuls (at 32768 x 2048 x 128256 on an H100, 8192-token chunks with a float32
+# accumulator ran at torch.compile's time where 4096-token int8 chunks were 1.14x: benchmarks/NOTES.md v9),
+# and the cap keeps the memory flat as the tokens grow.
+fast_path_max_tokens_per_chunk: int = 8192
 
 # Explicit tokens per chunk of the fast path (None: derived from the memory budget).
 fast_path_tokens_per_chunk: Optional[int] = None
 
-# Rounding remainder of the 16-bit d_weight accumulator of the fast path across token chunks:
-# "int8" (1 byte per weight element, 1/128-ulp steps), "int4" (half a byte, 1/8-ulp steps) or "auto"
-# (int8 when it costs no extra chunk, else int4; with an explicit ``fast_path_tokens_per_chunk``, int8 when
-# the workspace stays within the budget, else int4).
+# How the fast path keeps the float32 sum of d_weight across token chunks (16-bit inputs, several chunks):
+# "fp32" (a float32 [V, D] accumulator that cuBLAS reads and writes in its epilogue: 4 bytes per weight
+# element, the cheapest pass), "int8" / "int4" (the 16-bit gradient itself plus a rounding remainder of 1 or
+# 1/2 byte per element in 1/128- or 1/8-ulp steps, filled by a fold pass), or "auto": the plan with the
+# least predicted accumulator time within the budget (paths.plan_cost); with an explicit
+# ``fast_path_tokens_per_chunk``, the first of fp32, int8, int4 whose workspace stays within the budget.
 fast_path_remainder: str = "auto"
 
 # How the fast path adds each token chunk's d_weight into its 16-bit accumulator (hi + remainder):

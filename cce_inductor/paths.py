@@ -89,13 +89,14 @@ def remainder_bytes(V: int, D: int, remainder: str, slab_bytes: int) -> int:
     return {"int8": V * D, "int4": V * ((D + 1) // 2)}[remainder] + slab
 
 
-# Predicted bytes of memory traffic per d_weight element, per token chunk after the first, by accumulator
-# format (the time model that ranks plans): "fp32" cuBLAS reads and writes the float32 sum in its epilogue
-# (8), plus one 6-byte pass to round it at the end; "int8"/"int4" write and read a float32 product slab
-# (8) and read and write the 16-bit value and its remainder (~6). Ties go to fewer chunks, then to the
-# order of ACCUMULATORS (the more exact first).
+# The time model that ranks plans: the cost of each token chunk after the first, per d_weight element, in
+# bytes of memory traffic at full bandwidth, by accumulator format. Measured on an H100 at 32768 x 2048 x
+# 128256 (benchmarks/NOTES.md, v9): a cuBLAS matmul that reads and writes the float32 sum in its epilogue
+# (beta = 1) took 0.32 ms more than one that does not (~4 bytes' worth), plus one 6-byte pass to round the
+# sum at the end; the int8 fold took 0.83 ms per chunk plus ~0.4 ms of slower slab matmuls (~15 bytes'
+# worth). Ties go to fewer chunks, then to the order of ACCUMULATORS (the more exact first).
 ACCUMULATORS = ("fp32", "int8", "int4")
-PASS_BYTES = {"fp32": 8, "int8": 14, "int4": 14, "none": 0}
+PASS_BYTES = {"fp32": 4, "int8": 15, "int4": 15, "none": 0}
 FINAL_BYTES = {"fp32": 6, "int8": 0, "int4": 0, "none": 0}
 
 

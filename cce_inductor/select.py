@@ -30,6 +30,7 @@ from .core.settings import Settings
 from .logging_ import warn_once
 from .options import LossOptions
 from .paths import plan_fast
+from .torch_impl import common as torch_common
 from .torch_impl import fast as torch_fast
 from .torch_impl import low_memory as torch_low_memory
 
@@ -129,6 +130,15 @@ def low_memory_backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: T
         return on_torch()
     return _triton_or_torch("low-memory path", lambda: _triton_low_memory_backward(
         grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, need_d_weight, s), on_torch)
+
+
+def scale_in_place(d: Tensor, g: Tensor) -> Tensor:
+    """``d *= g`` with one rounding (the fast path's eager backward): one Triton pass where the kernels run,
+    float32 blocks in PyTorch elsewhere."""
+    if uses_triton(d) and d.is_contiguous():
+        return _triton_or_torch("gradient scaling", lambda: _kernels().scale_in_place(d, g),
+                                lambda: torch_common.scale_in_place(d, g))
+    return torch_common.scale_in_place(d, g)
 
 
 def jvp(hidden, weight, bias, targets, lse, t_hidden, t_weight, t_bias, opts: LossOptions):

@@ -264,3 +264,21 @@ def test_fold_fp32_equals_the_fused_epilogue(poison):
             assert torch.equal(hi1, hi2), (mode, first, last)
             if not last:
                 assert torch.equal(lo1, lo2), (mode, first, last)
+
+
+@pytest.mark.parametrize("dtype", dtype_params("bf16", "fp16", "fp32"))
+def test_scale_in_place_rounds_once(dtype):
+    """The eager backward's scaling kernel: ``d *= g`` computed in float32 and rounded once to d's dtype,
+    bit for bit what the PyTorch implementation gives (also over more than one program's block)."""
+    from cce_inductor.kernels.scale import SCALE_BLOCK, scale_in_place
+    from cce_inductor.torch_impl.common import scale_in_place as torch_scale_in_place
+
+    gen = torch.Generator().manual_seed(5)
+    d = (torch.randn(3, SCALE_BLOCK // 2 + 7, generator=gen) * 3).to(dtype)
+    d[0, 0] = float("nan")
+    g = torch.tensor(1 / 3)
+    want = torch_scale_in_place(d.clone(), g)
+    got = scale_in_place(d.clone(), g)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    if dtype != torch.float32:  # what a plain 16-bit mul_ gives (g rounded to 16 bits first) differs
+        assert not torch.equal(want.nan_to_num(), d.float().mul(g.to(dtype).float()).to(dtype).nan_to_num())

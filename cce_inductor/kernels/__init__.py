@@ -17,5 +17,7 @@ from .backward import triton_backward
 from .config import KernelConfig, Tile, pick_config
 from .fast import triton_chunked_forward, triton_fast_forward
 from .forward import triton_forward
+from .scale import scale_in_place
 
-__all__ = ["triton_forward", "triton_backward", "triton_chunked_forward", "triton_fast_forward", "KernelConfig", "Tile", "pick_config"]
+__all__ = ["triton_forward", "triton_backward", "triton_chunked_forward", "triton_fast_forward", "KernelConfig", "Tile", "pick_config",
+           "scale_in_place"]

@@ -70,27 +70,18 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-# Rows of a 16-bit gradient scaled per step of the eager backward (a float32 copy of this many elements).
-_SCALE_BLOCK_ELEMENTS = 16 << 20
-
-
 def _scale_in_place(d: Tensor, g: Tensor) -> Tensor:
     """``d *= g`` with one rounding: the product in float32, then rounded to d's dtype.
 
     Traced by torch.compile this is ``mul_``, which Inductor computes in float32 with g as a float32 value,
-    in the buffer it reads. Eagerly, a 16-bit ``mul_`` by a 0-d float32 CUDA tensor may round g to 16 bits
-    first (a systematic error of up to 2^-9 in every gradient), so blocks of rows are multiplied in float32.
+    in the buffer it reads. Eagerly, a 16-bit ``mul_`` by a 0-d float32 tensor may round g to 16 bits first
+    (a systematic error of up to 2^-9 in every gradient): ``select.scale_in_place`` multiplies in float32.
     """
     if d.dtype not in (torch.float16, torch.bfloat16) or torch.compiler.is_compiling() or d.numel() == 0:
         return d.mul_(g)
     if get_proxy_mode() is not None:
         return d.mul_(g)
-    flat = d.view(d.shape[0], -1)
-    rows = max(1, _SCALE_BLOCK_ELEMENTS // max(1, flat.shape[1]))
-    for s in range(0, flat.shape[0], rows):
-        block = flat[s:s + rows]
-        block.copy_(block.float().mul_(g))
-    return d
+    return select.scale_in_place(d, g)
 
 
 def _backward(ctx, grad_loss, *_unused):

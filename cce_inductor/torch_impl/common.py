@@ -46,6 +46,21 @@ def through_epilogue_(dz: Tensor, th: Optional[Tensor], opts: LossOptions) -> Te
     return dz
 
 
+# Elements of a 16-bit gradient scaled per step of ``scale_in_place`` (a float32 copy of this many elements).
+SCALE_BLOCK_ELEMENTS = 16 << 20
+
+
+def scale_in_place(d: Tensor, g: Tensor) -> Tensor:
+    """``d *= g`` with one rounding: the product in float32, a block of rows at a time, then rounded to d's
+    dtype (a 16-bit ``mul_`` by a 0-d float32 tensor would round g to 16 bits first)."""
+    flat = d.view(d.shape[0], -1) if d.dim() else d.view(1, 1)
+    rows = max(1, SCALE_BLOCK_ELEMENTS // max(1, flat.shape[1]))
+    for s in range(0, flat.shape[0], rows):
+        block = flat[s:s + rows]
+        block.copy_(block.float().mul_(g))
+    return d
+
+
 def per_row(x: Tensor, valid: Tensor, bad: Tensor) -> Tensor:
     """``x`` on valid rows, 0 on ignored rows, NaN on rows whose target is out of range (as the op's loss)."""
     return torch.where(bad, torch.full_like(x, float("nan")), torch.where(valid, x, torch.zeros_like(x)))
