@@ -9,6 +9,7 @@
 #              a kernel-time profile at 32k, after the CUDA tests and the peers table
 #   PART=final the CUDA tests and the op-level table: llama3.2-1b, gemma2, llama3-8b x 8k-64k tokens, torch.compile,
 #              the 3-matmul floor, cce.op, cce.backend, Liger
+#   PART=lowmem the low-memory path's d_hidden schemes against torch.compile (8k-32k, two shapes) and a profile
 #   PART=harness  a check of every benchmark on one GPU in one call: the CUDA tests, the peers table,
 #              fast_path_check.py --quick --kernels, sweep.py --large-n, a 2-layer Llama step_bench run
 # Peers (optional) come as wheels in .whl/ (cut-cross-entropy 25.1.1, liger-kernel 0.8.5, --no-deps);
@@ -72,6 +73,16 @@ final)
   timeout 420 python3 benchmarks/sweep.py --shapes llama3.2-1b,gemma2,llama3-8b --regime flat --warmup 10 --rep 40 \
     --methods "torch.compile,floor,cce.op,cce.backend,liger_flce" > "$OUT/sweep.log" 2>&1
   tail -22 "$OUT/sweep.log"
+  ;;
+lowmem)
+  timeout 330 python3 benchmarks/sweep.py --shapes llama3.2-1b,gemma2 --tokens 8192,16384,32768 --regime flat \
+    --warmup 10 --rep 40 --methods "torch.compile,floor,cce.op@path=low_memory,cce.op@path=low_memory;low_memory_dhidden=cublas_fp32,cce.op@path=low_memory;low_memory_dhidden=cublas_fold" \
+    > "$OUT/sweep_low_memory.log" 2>&1
+  tail -12 "$OUT/sweep_low_memory.log"
+  timeout 120 python3 benchmarks/loss_head_profile.py --shape gemma2 --tokens 8192 \
+    --methods "torch.compile,cce.op@path=low_memory,cce.op@path=low_memory;low_memory_dhidden=cublas_fp32" \
+    2>&1 | grep -v USDT > "$OUT/profile_low_memory.log"
+  cat "$OUT/profile_low_memory.log"
   ;;
 harness)
   timeout 140 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_fast.py 2>&1 \
