@@ -19,7 +19,7 @@ import re
 import torch
 
 from harness import StepTimer, free, gpu_name, make_inputs, out_path, shape, write_json
-from sweep import build_methods
+from sweep import _config_patch, build_methods
 
 GROUPS = [  # (group, pattern on the kernel name), first match wins
     ("matmul (cuBLAS/CUTLASS)", r"gemm|sm90_xmma|cutlass|nvjet|ampere_.*_tn|sm80_xmma"),
@@ -87,7 +87,8 @@ def main(argv=None):
             if m not in methods:
                 print(f"{m}: not available")
                 continue
-            wall, groups, top = profile_step(methods[m], e, c, t, device)
+            with _config_patch(methods[m]):
+                wall, groups, top = profile_step(methods[m], e, c, t, device)
             records.append(dict(shape=a.shape, N=N, method=m, wall_ms=wall, groups=groups, top=top))
             total = sum(v[0] for v in groups.values())
             print(f"\nN={N} {m}: step {wall:.2f} ms, GPU kernels {total:.2f} ms")

@@ -86,8 +86,10 @@ def floor(e, c, t):
 
 
 def config_variant(name):
-    """``cce.op@K=V;K=V``: the op under ``cce_inductor.config.patch`` of those knobs (values parsed as Python
-    literals where they are one: ints, floats, None; strings otherwise)."""
+    """``cce.op@K=V;K=V``: the op with those knobs of ``cce_inductor.config`` patched (values parsed as Python
+    literals where they are one: ints, floats, None; strings otherwise) for the whole measurement, backward
+    included (``run_cell`` applies ``fn.config_patch``: the low-memory path reads its backward knobs when
+    the backward runs)."""
     import ast
 
     import cce_inductor
@@ -101,8 +103,8 @@ def config_variant(name):
             knobs[k] = v
 
     def fn(e, c, t):
-        with cce_inductor.config.patch(**knobs):
-            return cce_inductor.linear_cross_entropy(e, c, t)
+        return cce_inductor.linear_cross_entropy(e, c, t)
+    fn.config_patch = knobs
     return fn
 
 
@@ -131,10 +133,23 @@ def build_methods(device, asked=()):
     return methods, found
 
 
+def _config_patch(fn):
+    """The ``cce_inductor.config.patch`` a ``cce.op@...`` variant asks for (a no-op context for the others)."""
+    import contextlib
+
+    knobs = getattr(fn, "config_patch", None)
+    if not knobs:
+        return contextlib.nullcontext()
+    import cce_inductor
+
+    return cce_inductor.config.patch(**knobs)
+
+
 def run_cell(fn, e, c, t, ref, warmup, rep, device):
     """One method at one (shape, N): errors (when ``ref``), peak memory, median fwd+bwd ms."""
     try:
-        r = measure_loss_head(fn, e, c, t, ref, warmup=warmup, rep=rep, device=device, keys=("peak_MB", "ms"))
+        with _config_patch(fn):
+            r = measure_loss_head(fn, e, c, t, ref, warmup=warmup, rep=rep, device=device, keys=("peak_MB", "ms"))
     except torch.OutOfMemoryError:
         r = dict(error="OOM")
     except Exception as ex:  # noqa: BLE001
