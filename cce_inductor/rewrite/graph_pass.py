@@ -86,8 +86,8 @@ def _counters():
     return counters["cce"]
 
 
-def _record_miss(result: PassResult, where: str, kind: str, reason: str) -> None:
-    result.misses.append(MissRecord(where, kind, reason))
+def _record_miss(result: PassResult, where: str, kind: str, reason: str, category: str = "unsupported") -> None:
+    result.misses.append(MissRecord(where, kind, reason, category))
     _counters()["misses"] += 1
     log.info("cce: left %s at %s alone: %s", kind, where, reason)
 
@@ -140,9 +140,9 @@ def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) ->
             r = emit_plan(graph, plan)
         except Miss as e:
             if _fed_by_matmul(loss):
-                _record_miss(result, where, kind, str(e))
+                _record_miss(result, where, kind, str(e), e.category)
             elif top_level and _logits_are_graph_input(loss):  # a body's inputs come from its caller
-                _record_miss(result, where, kind, GRAPH_INPUT_REASON)
+                _record_miss(result, where, kind, GRAPH_INPUT_REASON, "graph_input")
             continue
         result.rewrites.append(r)
         _counters()["rewrites"] += 1

@@ -29,7 +29,9 @@ from .steps import Step, StepKind, check_order
 
 
 class Miss(Exception):
-    """Why a cross-entropy was left alone."""
+    """Why a cross-entropy was left alone (``category``: see :class:`~.records.MissRecord`)."""
+
+    category = "unsupported"
 
 
 @dataclass

@@ -32,6 +32,7 @@ from torch.fx import Node
 
 from ..options import LossOptions
 from .fx_util import _dtype, _same_size, _shape, _val, location
+from .kept_logits import check_logits_unshared
 from .match import Match, Miss
 from .mutation import callee_name, may_share_memory, observed_for_grad, storages, writes
 from .regions import Regions
@@ -309,7 +310,9 @@ def _plan_path(m: Match, regions: Regions, compute: torch.dtype, lse_users: list
 
 
 def plan_rewrite(m: Match, regions: Regions, recomputed: bool = False) -> Plan:
-    """Decide the whole replacement for a match, or raise Miss with the reason."""
+    """Decide the whole replacement for a match, or raise Miss with the reason. A loss whose logits are
+    needed anyway (returned, or read by something else) is left to Inductor, after every other check: that
+    reason is reported only when nothing else stands in the way."""
     lse_users = find_logsumexps(m)
     _check_modes(m, regions, lse_users)
     scale, softcap, bias = _fold_epilogue(m)
@@ -323,6 +326,7 @@ def plan_rewrite(m: Match, regions: Regions, recomputed: bool = False) -> Plan:
     pos = _node_positions(m.loss.graph)
     _check_mutation(m, bias, lse_users, pos)
     _check_served_lse_users(m, bias, lse_users, regions, pos)
+    check_logits_unshared(m, lse_users, in_region=recomputed)
     path, expected, reason = _plan_path(m, regions, compute, lse_users, recomputed)
     return Plan(m, compute, bias, bias_dtype, options, lse_users, path, expected, reason)
 

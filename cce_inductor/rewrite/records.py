@@ -30,6 +30,10 @@ class MissRecord:
     where: str
     loss: str
     reason: str
+    # "unsupported": a form or hazard the rewrite refuses; "logits_kept": left to Inductor because the logits
+    # are needed anyway; "graph_input": the logits come from outside the graph; "not_served": a form over the
+    # vocabulary the op does not compute (per-token log-probabilities, entropy, ...)
+    category: str = "unsupported"
 
 
 @dataclass

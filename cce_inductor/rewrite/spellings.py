@@ -111,6 +111,11 @@ class Matmul:
     bias: Optional[Node] = None
     spelling: str = ""
 
+    @property
+    def nodes(self) -> list:
+        """The nodes whose values are the logits as this matmul forms them."""
+        return [self.node]
+
 
 def _weight_from_dv(b: Node) -> tuple[Optional[Node], Optional[Node]]:
     """For ``h @ B`` with B [D, V]: (W, None) when B is ``W.T``, else (None, B) (we use ``B.t()``)."""
