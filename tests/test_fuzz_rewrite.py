@@ -23,7 +23,7 @@ N_EXAMPLES = int(os.environ.get("CCE_FUZZ_EXAMPLES", "40"))
 N_INDUCTOR_EXAMPLES = int(os.environ.get("CCE_FUZZ_INDUCTOR_EXAMPLES", "3"))  # ~5 s each on a CPU
 DERANDOMIZE = os.environ.get("CCE_FUZZ_RANDOM") != "1"
 
-MATMULS = ["linear", "linear_bias", "at_T", "matmul_t", "einsum", "plus_bias", "addmm2d", "mm2d"]
+MATMULS = ["linear", "linear_bias", "at_T", "matmul_t", "einsum", "plus_bias", "addmm2d", "mm2d", "lora"]
 LAYOUTS = ["flat_view", "flatten", "shift_slice", "class_dim", "hidden_2d"]
 LOSSES = ["ce", "nll"]
 
@@ -83,6 +83,8 @@ def build(f):
             return h @ w.T + b
         if m == "addmm2d":
             return torch.addmm(b, h, w.T)
+        if m == "lora":  # a rank-1 adapter (rewrite.low_rank) whose A and B are views of w and b
+            return F.linear(h, w) + F.linear(F.linear(h, w[:1]), b[:, None]) * 0.5
         return torch.mm(h, w.t())
 
     def epilogue(z):

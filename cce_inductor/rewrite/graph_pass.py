@@ -14,6 +14,7 @@ from .plan import plan_rewrite
 from .records import MissRecord, PassResult
 from .regions import Regions
 from .spellings import _CE_FNS, is_loss_node, match_matmul
+from .unserved import find_unserved
 
 
 def _fed_by_matmul(node: Node, depth: int = 24) -> bool:
@@ -49,8 +50,11 @@ def _logits_are_graph_input(node: Node, depth: int = 16) -> bool:
     return False
 
 
-GRAPH_INPUT_REASON = ("the logits are an input of this graph: they were computed in another graph (a graph break "
-                      "between the lm-head and the loss?) or outside torch.compile, so there is no matmul to fuse")
+GRAPH_INPUT_REASON = ("the logits are an input of this graph: they were computed outside this compiled function (e.g. "
+                      "`outputs.logits` handed to a loss function, such as a Trainer's compute_loss_func) or in "
+                      "another graph after a graph break, so there is no matmul to fuse. Compile the code that "
+                      "computes the logits together with the loss and return only the loss, or call "
+                      "cce_inductor.linear_cross_entropy(hidden, lm_head.weight, labels) in place of both")
 
 
 # Higher-order ops whose body runs as the same code would run inline (activation checkpointing only
@@ -101,6 +105,21 @@ def _report_losses_left_in(body: GraphModule, hop: str, result: PassResult) -> N
         _report_losses_left_in(inner, inner_hop, result)
 
 
+def _report_unserved(graph: torch.fx.Graph, result: PassResult, top_level: bool) -> None:
+    """Vocabulary-wide reads of lm-head logits other than a loss (RL log-probabilities, entropy, ...): misses,
+    so that explain is never silent about logits it saw formed; returned logits: a note (top level only: a
+    checkpointed body returns its values to its caller)."""
+    try:
+        found = find_unserved(graph)
+    except Exception:  # reporting must never fail a compile
+        log.debug("cce: error while looking for unserved forms", exc_info=True)
+        return
+    for m in found.misses:
+        _record_miss(result, m.where, m.loss, m.reason, m.category)
+    if top_level:
+        result.notes.extend(found.notes)
+
+
 def rewrite_graph(graph_or_module: Any) -> PassResult:
     """Rewrite every recognised linear + cross-entropy in a Dynamo FX graph, in place.
 
@@ -119,10 +138,12 @@ def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) ->
             inner = _rewrite(body, top_level=False, recomputed=hop == "tag_activation_checkpoint")
             result.rewrites.extend(inner.rewrites)
             result.misses.extend(inner.misses)
+            result.notes.extend(inner.notes)
         else:
             _report_losses_left_in(body, hop, result)
     losses = [n for n in graph.nodes if is_loss_node(n)]
     if not losses:
+        _report_unserved(graph, result, top_level)
         return result
     regions = Regions.of(graph)
     rewritten_here = 0
@@ -149,6 +170,7 @@ def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) ->
         rewritten_here += 1
         log.info("cce: rewrote %s at %s (N=%s D=%s V=%s %s)%s", kind, where, r.N, r.D, r.V, r.options,
                  "; " + "; ".join(r.notes) if r.notes else "")
+    _report_unserved(graph, result, top_level)
     if rewritten_here:  # a rewritten body recompiled itself; this graph only changed if it had rewrites
         graph.lint()
         owner = getattr(graph, "owning_module", None)

@@ -30,7 +30,9 @@ class LogitsNeeded(Miss):
 
 
 ADVICE = ("compile a function that returns only the loss (e.g. `lambda ids, labels: model(input_ids=ids, "
-          "labels=labels).loss`), or, under the Hugging Face Trainer, use cce_inductor.integrations.transformers")
+          "labels=labels).loss`), or, under the Hugging Face Trainer, use cce_inductor.integrations.transformers. "
+          "(Where the compiled function already returns only the loss, a graph break before the lm-head made the "
+          "model's forward a graph of its own that returns the logits: see the graph breaks explain lists.)")
 
 
 def chain_nodes(m: Match) -> list:

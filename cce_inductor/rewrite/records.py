@@ -1,8 +1,15 @@
-"""What the pass reports: one :class:`Rewrite` per replaced loss, one :class:`MissRecord` per loss left alone."""
+"""What the pass reports: one :class:`Rewrite` per replaced loss, one :class:`MissRecord` per loss left alone
+(raised inside the pass as :class:`Miss`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+
+class Miss(Exception):
+    """Why a loss was left alone (``category``: see :class:`MissRecord`)."""
+
+    category = "unsupported"
 
 
 @dataclass
@@ -40,3 +47,4 @@ class MissRecord:
 class PassResult:
     rewrites: list = field(default_factory=list)
     misses: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # what the report should say that is neither (e.g. returned logits)
