@@ -40,7 +40,7 @@ class ExplainReport:
     graphs: int = 0
     notes: list = field(default_factory=list)  # code Dynamo ran eagerly (the rewrite never saw it), and why
     breaks: list = field(default_factory=list)  # graph breaks of this run, the known ones with their fix
-    findings: list = field(default_factory=list)  # the pass's notes (e.g. lm-head logits returned with no loss)
+    findings: list = field(default_factory=list)  # the pass's and integrations' notes (e.g. logits returned, no loss)
 
     @property
     def saved_bytes(self) -> int:
@@ -75,7 +75,7 @@ class ExplainReport:
             rows += [(*_split_where(m.where), m.loss, m.reason) for m in self.misses]
             lines.extend(_table(rows))
         if self.findings:
-            lines += ["", "Seen:"] + [f"  {n}" for n in self.findings]
+            lines += ["", "Notes:"] + [f"  {n}" for n in self.findings]
         if self.notes:
             lines += ["", "Not compiled (so not seen by the rewrite):"] + [f"  {n}" for n in self.notes]
         if self.breaks:
