@@ -21,18 +21,25 @@ from __future__ import annotations
 from typing import Optional
 
 CHECKPOINT_SIDE_EFFECT_FIX = (
-    "set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True before the first call (compiled "
-    "code then runs such a side effect once, where eager checkpointing runs it again when it recomputes the region "
-    "in the backward; transformers' own ones set and restore a context variable, so running them once changes "
-    "nothing), or use cce_inductor.integrations.transformers, which sets it for its own compiled step")
+    "set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True before the first call. Eager "
+    "checkpointing runs a region's Python side effects again when it recomputes the region in the backward; compiled "
+    "code then runs them once: no difference for a context variable set and restored (transformers' attention "
+    "layers), a visible one for a counter or a list a region appends to. Or use "
+    "cce_inductor.integrations.transformers, which sets it for its own compiled step")
 USE_CACHE_FIX = "set model.config.use_cache = False (or pass use_cache=False)"
 
 
 def break_counts() -> dict:
-    """Dynamo's graph-break messages and their counts so far (process-wide)."""
+    """Dynamo's graph-break messages and their counts so far (process-wide): the breaks it took
+    (``graph_break``) and those that made it skip a frame instead (``unimplemented``: a break inside a loop
+    restarts the frame as skipped, and only this counter sees it)."""
     from torch._dynamo.utils import counters
 
-    return dict(counters.get("graph_break", {}))
+    out: dict = {}
+    for key in ("graph_break", "unimplemented"):
+        for msg, count in counters.get(key, {}).items():
+            out[(key, msg)] = count
+    return out
 
 
 def _first_line(msg: str) -> str:
@@ -52,8 +59,9 @@ def explain_break(msg: str) -> Optional[str]:
     if head.startswith("HOP: Unsafe side effect") and "checkpoint" in msg:
         what = _debug_context(msg) or "a mutation"
         return ("activation checkpointing: a Python side effect inside a checkpointed region "
-                f"({what}) stops Dynamo from compiling the checkpointed layers; their loop then runs eagerly and the "
-                f"lm-head's graph returns the logits instead of the loss. Fix: {CHECKPOINT_SIDE_EFFECT_FIX}")
+                f"({what}) stops Dynamo from compiling it; the code around it (a layer loop: the whole frame) runs "
+                "eagerly, so the lm-head and the loss after it are not compiled with the layers, or their graph "
+                f"returns the logits. Fix: {CHECKPOINT_SIDE_EFFECT_FIX}")
     if "warning_once" in msg and "use_cache" in msg:
         return ("Hugging Face's `use_cache=True is incompatible with gradient checkpointing` warning (a logger call "
                 f"Dynamo does not trace) breaks the graph. Fix: {USE_CACHE_FIX}")
@@ -67,19 +75,20 @@ def explain_break(msg: str) -> Optional[str]:
 
 
 def advice(before: Optional[dict] = None) -> list:
-    """One line per graph-break message whose count grew since ``before``: known ones with their fix."""
+    """One line per graph break whose count grew since ``before`` (a :func:`break_counts`): the known ones
+    with their fix, first; the others with their first line."""
     before = before or {}
-    out = []
-    for msg, count in break_counts().items():
-        added = count - before.get(msg, 0)
+    grown: dict = {}
+    for (key, msg), count in break_counts().items():
+        added = count - before.get((key, msg), 0)
         if added <= 0:
             continue
         known = explain_break(msg)
-        line = (f"{known} ({added}x)" if known else f"{_first_line(msg)} ({added}x)"
-                + (f": {_debug_context(msg)[:160]}" if _debug_context(msg) else ""))
-        if line not in out:
-            out.append(line)
-    return sorted(out, key=lambda line: "Fix:" not in line)  # the known ones first
+        context = _debug_context(msg)
+        line = known or (_first_line(msg) + (f": {context[:160]}" if context else ""))
+        grown[line] = max(grown.get(line, 0), added)
+    lines = [f"{line} ({n}x)" for line, n in grown.items()]
+    return sorted(lines, key=lambda line: "Fix:" not in line)  # the known ones first
 
 
 __all__ = ["advice", "explain_break", "break_counts", "CHECKPOINT_SIDE_EFFECT_FIX", "USE_CACHE_FIX"]

@@ -115,6 +115,7 @@ def _check_loss_lambda(model):
     want = f(ids, labels)
     want_g = _grads(model, want)
     assert len(results[-1].rewrites) == 1, (results[-1].rewrites, results[-1].misses)
+    assert not results[-1].misses, results[-1].misses  # nothing else reported (MoE routers, attention: not lm-heads)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     _assert_grads_close(got_g, want_g)
     return results[-1].rewrites[0]
