@@ -192,6 +192,9 @@ def _skipped_frames(before: Optional[dict] = None) -> list:
             why = "a graph break inside a for/while loop" if "graph break in loop" in msg else "a graph break"
             note = (f"{name} ({os.path.basename(path)}:{line}) ran eagerly: {why} made Dynamo skip the whole frame. "
                     "A loss in it is not compiled.")
+            if f"{os.sep}trl{os.sep}" in path:
+                note += (" (TRL's own fused lm-head: it computes per-token log-probabilities in chunks and never forms "
+                         "the N×V logits, so there is nothing for the rewrite to do.)")
             if "`disable`" in msg and why.endswith("loop"):
                 note += (" (A call torch marks as not traceable, inside the loop: e.g. the hooks of FSDP2's "
                          "fully_shard on each layer.) Move the layer loop into a submodule of its own, as Hugging "
