@@ -72,8 +72,11 @@ class ExplainReport:
         if self.misses:
             lines += ["", "Left alone:"]
             rows = [("where", "code", "loss", "reason")]
-            rows += [(*_split_where(m.where), m.loss, m.reason) for m in self.misses]
+            rows += [(*_split_where(m.where), m.loss, _headline(m)) for m in self.misses]
             lines.extend(_table(rows))
+            for m in self.misses:
+                if _headline(m) != m.reason:
+                    lines.append(f"  why ({_split_where(m.where)[0]}): {m.reason}")
         if self.findings:
             lines += ["", "Notes:"] + [f"  {n}" for n in self.findings]
         if self.notes:
@@ -89,6 +92,18 @@ class ExplainReport:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+_HEADLINES = {"logits_kept": "left to Inductor: the logits are needed anyway (why: below)",
+              "not_served": "not served yet (why: below)",
+              "graph_input": "the logits are an input of this graph (why: below)"}
+
+
+def _headline(m: MissRecord) -> str:
+    """The reason, or for a long one its headline (the whole reason then follows the table)."""
+    if len(m.reason) <= 110:
+        return m.reason
+    return _HEADLINES.get(m.category, m.reason[:100].rsplit(" ", 1)[0] + " … (why: below)")
 
 
 def _split_where(where: str) -> tuple:

@@ -147,3 +147,20 @@ def test_plain_trainer_torch_compile_keeps_the_logits(tmp_path):
         model, trainer = _train(tmp_path, "compiled", torch_compile=True)
     assert seen.rewrites == 0 and seen.misses >= 1, seen
     _check_against_eager(tmp_path, model, trainer)
+
+
+@pytest.mark.slow
+def test_accelerate_compiling_the_model_keeps_the_logits():
+    """accelerate's own compile (``Accelerator(dynamo_backend="inductor")``, what the Trainer's torch_compile
+    uses) + ``cce_inductor.install()``: the whole model is compiled, the logits are returned, the pass leaves the
+    loss to Inductor; values are eager's."""
+    from accelerate import Accelerator
+
+    inputs = hf_tiny.batch()
+    model = hf_tiny.llama().train()
+    with counting_installed_pass() as seen:
+        prepared = Accelerator(cpu=True, dynamo_backend="inductor").prepare(model)
+        got = prepared(**inputs).loss
+    assert isinstance(prepared, torch._dynamo.eval_frame.OptimizedModule)
+    assert seen.rewrites == 0 and seen.misses == 1, seen
+    torch.testing.assert_close(got, model(**inputs).loss, rtol=1e-5, atol=1e-6)

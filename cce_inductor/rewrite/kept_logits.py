@@ -13,11 +13,9 @@ served by the op's lse output, and a cast or reshape that feeds only such logsum
 """
 from __future__ import annotations
 
-import os
-
 from torch.fx import Node
 
-from .fx_util import location
+from .fx_util import short_location
 from .match import Match, Miss
 from .mutation import callee_name
 from .spellings import is_loss_node
@@ -85,12 +83,8 @@ def describe_user(u: Node, in_region: bool = False) -> str:
                 "a graph output (the compiled function returns them, as `torch.compile(model)` of a Hugging Face "
                 "model returns `outputs.logits`)")
     loss = _loss_reached(u)
-    at = loss if loss is not None else u
-    where, _, code = location(at).partition("  ")
-    path, sep, line = where.rpartition(":")
-    short = f"{os.path.basename(path)}:{line}" if sep and line.isdigit() else where
     what = "another cross-entropy" if loss is not None else f"`{callee_name(u)}`"
-    return f"{what} at {short}" + (f" (`{code}`)" if code else "")
+    return f"{what} at {short_location(loss if loss is not None else u)}"
 
 
 def check_logits_unshared(m: Match, lse_users: list, in_region: bool = False) -> None:

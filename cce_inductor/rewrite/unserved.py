@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
-from .fx_util import _bind, _call, _last_dim, _norm_dim, _same_size, _shape, _sig, location
+from .fx_util import _bind, _call, _last_dim, _norm_dim, _same_size, _shape, _sig, location, short_location
 from .records import MissRecord
 from .spellings import _LOGSUMEXP_FNS, _LOGSUMEXP_SIG, _as_log_softmax, is_loss_node, match_matmul
 
@@ -160,12 +160,12 @@ def find_unserved(graph: Graph) -> Unserved:
             name, what = _form(reads.ops)
             found.misses.append(MissRecord(
                 location(first), name,
-                f"{what} of the logits of the matmul at {location(node).split('  ')[0]} (V={v}, D={d}): not served "
-                "yet (the op computes cross-entropy only), so the N×V logits are formed",
+                f"not served yet: {what} of the logits of the matmul at {short_location(node)} (V={v}, D={d}); the "
+                "op computes cross-entropy only, so the N×V logits are formed",
                 "not_served"))
         elif reads.returned and v >= RETURNED_LOGITS_MIN_RATIO * d:
             found.notes.append(
-                f"the graph returns the logits of the matmul at {location(node)} (V={v}, D={d}) and computes no loss "
+                f"the graph returns the logits of the matmul at {short_location(node)} (V={v}, D={d}) and computes no loss "
                 "from them: a loss computed outside the compiled function (e.g. a Trainer's compute_loss_func on "
                 "outputs.logits) forms them in full. To fuse it, compile the loss together with the model and return "
                 "only the loss.")
