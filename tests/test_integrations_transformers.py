@@ -83,7 +83,6 @@ def test_trainer_compute_loss_func_is_left_as_it_is(tmp_path):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, hf_tiny.V), labels[:, 1:].reshape(-1),
                                                  reduction="sum") / num_items_in_batch
 
-    model, trainer = T.Trainer, None
     torch._dynamo.reset()
     model = hf_tiny.llama()
     trainer = T.Trainer(model=model, args=hf_tiny.training_args(str(tmp_path / "cce")),
