@@ -116,11 +116,13 @@ def test_accelerate_prepared_model_through_loss_step():
     """accelerate: ``Accelerator().prepare(model, optimizer)``, then the loss from a LossStep and
     ``accelerator.backward``: one rewrite, the step's parameters equal an eager step's."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     inputs = hf_tiny.batch()
 
     def one_step(use_step):
         torch._dynamo.reset()
+        AcceleratorState._reset_state(reset_partial_state=True)  # not a state an earlier Trainer left behind
         acc = Accelerator(cpu=True)
         model = hf_tiny.llama(dtype=torch.float64).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -154,12 +156,15 @@ def test_accelerate_compiling_the_model_keeps_the_logits():
     uses) + ``cce_inductor.install()``: the whole model is compiled, the logits are returned, the pass leaves the
     loss to Inductor; values are eager's."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # a Trainer earlier in the process set it up (no compile)
     inputs = hf_tiny.batch()
     model = hf_tiny.llama().train()
     with counting_installed_pass() as seen:
         prepared = Accelerator(cpu=True, dynamo_backend="inductor").prepare(model)
         got = prepared(**inputs).loss
+    AcceleratorState._reset_state(reset_partial_state=True)
     assert isinstance(prepared, torch._dynamo.eval_frame.OptimizedModule)
     assert seen.rewrites == 0 and seen.misses == 1, seen
     torch.testing.assert_close(got, model(**inputs).loss, rtol=1e-5, atol=1e-6)
