@@ -104,3 +104,18 @@ def test_nothing_seen_is_said(data):
     h, w, b, y = data
     report = cce_inductor.explain(lambda h: (h * 2).sum(), h)
     assert "No cross-entropy of a matmul was seen in the compiled code" in str(report)
+
+
+def test_one_report_per_loss_left_to_inductor(data):
+    """A loss the pass handled (here left to Inductor: the logits are returned) is reported once, not again as
+    an unserved logsumexp, also through the (N, C, d) layout whose transpose hides the vocabulary dim (found by
+    the fuzzer: class_dim layout + z-loss + returned logits)."""
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = F.linear(h, w)
+        loss = F.cross_entropy(z.transpose(1, 2), y) + 1e-2 * torch.logsumexp(z, -1).square().mean()
+        return loss, z
+    results = check(f, (h, w, y), 0, return_results=True)
+    misses = [m for r in results for m in r.misses]
+    assert [m.category for m in misses] == ["logits_kept"], misses

@@ -105,12 +105,12 @@ def _report_losses_left_in(body: GraphModule, hop: str, result: PassResult) -> N
         _report_losses_left_in(inner, inner_hop, result)
 
 
-def _report_unserved(graph: torch.fx.Graph, result: PassResult, top_level: bool) -> None:
+def _report_unserved(graph: torch.fx.Graph, result: PassResult, top_level: bool, handled: set) -> None:
     """Vocabulary-wide reads of lm-head logits other than a loss (RL log-probabilities, entropy, ...): misses,
     so that explain is never silent about logits it saw formed; returned logits: a note (top level only: a
     checkpointed body returns its values to its caller)."""
     try:
-        found = find_unserved(graph)
+        found = find_unserved(graph, handled)
     except Exception:  # reporting must never fail a compile
         log.debug("cce: error while looking for unserved forms", exc_info=True)
         return
@@ -143,16 +143,19 @@ def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) ->
             _report_losses_left_in(body, hop, result)
     losses = [n for n in graph.nodes if is_loss_node(n)]
     if not losses:
-        _report_unserved(graph, result, top_level)
+        _report_unserved(graph, result, top_level, set())
         return result
     regions = Regions.of(graph)
     rewritten_here = 0
+    matched: set = set()  # the matmuls of the losses handled here (rewritten or left alone with a reason)
     for loss in losses:
         kind = _loss_kind(loss)
         where = location(loss)
         try:
             try:
-                plan = plan_rewrite(match_loss(loss), regions, recomputed=recomputed)
+                m = match_loss(loss)
+                matched.update(m.mm.nodes)
+                plan = plan_rewrite(m, regions, recomputed=recomputed)
             except Miss:
                 raise
             except Exception as e:  # an unforeseen graph shape: report it, never fail the compile
@@ -170,7 +173,7 @@ def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) ->
         rewritten_here += 1
         log.info("cce: rewrote %s at %s (N=%s D=%s V=%s %s)%s", kind, where, r.N, r.D, r.V, r.options,
                  "; " + "; ".join(r.notes) if r.notes else "")
-    _report_unserved(graph, result, top_level)
+    _report_unserved(graph, result, top_level, matched)
     if rewritten_here:  # a rewritten body recompiled itself; this graph only changed if it had rewrites
         graph.lint()
         owner = getattr(graph, "owning_module", None)

@@ -36,7 +36,8 @@ from torch.fx import Graph, Node
 
 from .fx_util import _bind, _call, _last_dim, _norm_dim, _same_size, _shape, _sig, location, short_location
 from .records import MissRecord
-from .spellings import _LOGSUMEXP_FNS, _LOGSUMEXP_SIG, _as_log_softmax, is_loss_node, match_matmul
+from .spellings import (_LOGSUMEXP_FNS, _LOGSUMEXP_SIG, _as_class_transpose, _as_log_softmax, is_loss_node,
+                        match_matmul)
 
 _SOFTMAX_FNS = (F.softmax, torch.softmax)
 _SOFTMAX_SIG = _sig("input, dim=None, _stacklevel=3, dtype=None")
@@ -109,7 +110,7 @@ def _reads(mm: Node, v) -> _Reads:
                                 out.returned = True
                             elif is_loss_node(w):
                                 out.loss = True
-                elif _keeps_vocab(u, v):
+                elif _keeps_vocab(u, v) or _as_class_transpose(u) is not None:  # (N, C, d...) for a loss
                     nxt.append(u)
         frontier = nxt
     return out
@@ -140,14 +141,15 @@ class Unserved:
     notes: list = field(default_factory=list)
 
 
-def find_unserved(graph: Graph) -> Unserved:
+def find_unserved(graph: Graph, handled: frozenset = frozenset()) -> Unserved:
     """Misses for lm-head matmuls whose logits are read over the vocabulary by something other than a loss,
-    and notes for lm-head logits a graph returns with no loss of them in it."""
+    and notes for lm-head logits a graph returns with no loss of them in it. ``handled``: matmul nodes whose
+    loss the pass already reported (rewritten, or left alone with its own reason)."""
     found = Unserved()
     pos = {n: i for i, n in enumerate(graph.nodes)}
     for node in graph.nodes:
         mm = match_matmul(node)
-        if mm is None:
+        if mm is None or node in handled:
             continue
         v, d = _last_dim(node), _last_dim(mm.hidden)
         if not (isinstance(v, int) and isinstance(d, int) and v > d):
