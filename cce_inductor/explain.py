@@ -2,7 +2,9 @@
 
 It compiles ``fn`` with a recording backend (the rewrite, then the rewritten graph run as is), calls it
 once on the given arguments, and resets Dynamo before and after, so no compiled code or global state
-is left behind.
+is left behind. :class:`Recorder` is the same bookkeeping for code compiled by someone else (the
+transformers integration fills a report from the Trainer's own compiled step): the pass's results, the
+frames Dynamo skipped and the graph breaks (with their fixes, ``graph_breaks``) that happened meanwhile.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .backend import make_backend
+from .graph_breaks import advice, break_counts
 from .rewrite import MissRecord, PassResult, Rewrite
 
 
@@ -36,14 +39,23 @@ class ExplainReport:
     misses: list = field(default_factory=list)
     graphs: int = 0
     notes: list = field(default_factory=list)  # code Dynamo ran eagerly (the rewrite never saw it), and why
+    breaks: list = field(default_factory=list)  # graph breaks of this run, the known ones with their fix
+    findings: list = field(default_factory=list)  # the pass's and integrations' notes (e.g. logits returned, no loss)
 
     @property
     def saved_bytes(self) -> int:
         return sum(r.saved_bytes or 0 for r in self.rewrites)
 
+    def misses_of(self, category: str) -> list:
+        return [m for m in self.misses if m.category == category]
+
     def __str__(self) -> str:
-        lines = [f"cce_inductor.explain: {len(self.rewrites)} rewrite(s), {len(self.misses)} miss(es) "
-                 f"in {self.graphs} graph(s); estimated activation memory saved vs eager {_fmt_bytes(self.saved_bytes)}"]
+        kinds = {"logits_kept": "left to Inductor (logits needed anyway)", "not_served": "not served yet",
+                 "graph_input": "logits from outside the graph"}
+        split = [f"{len(self.misses_of(c))} {what}" for c, what in kinds.items() if self.misses_of(c)]
+        lines = [f"cce_inductor.explain: {len(self.rewrites)} rewrite(s), {len(self.misses)} miss(es)"
+                 + (f" ({', '.join(split)})" if split else "")
+                 + f" in {self.graphs} graph(s); estimated activation memory saved vs eager {_fmt_bytes(self.saved_bytes)}"]
         if self.rewrites:
             lines += ["", "Rewritten:"]
             rows = [("where", "code", "loss", "matmul", "N", "D", "V", "dtype", "path", "saved", "options")]
@@ -60,13 +72,38 @@ class ExplainReport:
         if self.misses:
             lines += ["", "Left alone:"]
             rows = [("where", "code", "loss", "reason")]
-            rows += [(*_split_where(m.where), m.loss, m.reason) for m in self.misses]
+            rows += [(*_split_where(m.where), m.loss, _headline(m)) for m in self.misses]
             lines.extend(_table(rows))
+            for m in self.misses:
+                if _headline(m) != m.reason:
+                    lines.append(f"  why ({_split_where(m.where)[0]}): {m.reason}")
+        if self.findings:
+            lines += ["", "Notes:"] + [f"  {n}" for n in self.findings]
         if self.notes:
             lines += ["", "Not compiled (so not seen by the rewrite):"] + [f"  {n}" for n in self.notes]
+        if self.breaks:
+            lines += ["", "Graph breaks (compiled code split; where one falls between the lm-head and the loss, the "
+                      "loss cannot be fused):"] + [f"  {b}" for b in self.breaks]
+        if not self.rewrites and not self.misses:
+            lines += ["", "No cross-entropy of a matmul was seen in the compiled code"
+                      + (" (nothing was compiled)." if not self.graphs else
+                         ": the loss is computed outside it, by code Dynamo ran eagerly, or by a library's own fused "
+                         "lm-head (e.g. TRL's SFTTrainer computes per-token log-probabilities in chunks itself).")]
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+_HEADLINES = {"logits_kept": "left to Inductor: the logits are needed anyway (why: below)",
+              "not_served": "not served yet (why: below)",
+              "graph_input": "the logits are an input of this graph (why: below)"}
+
+
+def _headline(m: MissRecord) -> str:
+    """The reason, or for a long one its headline (the whole reason then follows the table)."""
+    if len(m.reason) <= 110:
+        return m.reason
+    return _HEADLINES.get(m.category, m.reason[:100].rsplit(" ", 1)[0] + " … (why: below)")
 
 
 def _split_where(where: str) -> tuple:
@@ -97,28 +134,55 @@ def _table(rows: list) -> list:
     return out
 
 
+class Recorder:
+    """Fills an :class:`ExplainReport` from the pass's results (``on_result``, for ``make_backend``) and,
+    around the calls that may compile (``with recorder.watch(): ...``), from Dynamo's counters: the frames it
+    skipped and the graph breaks that happened meanwhile (the counters are process-wide; only what grew
+    during the watched calls counts)."""
+
+    def __init__(self) -> None:
+        self.report = ExplainReport()
+
+    def on_result(self, result: PassResult) -> None:
+        self.report.graphs += 1
+        self.report.rewrites.extend(result.rewrites)
+        self.report.misses.extend(result.misses)
+        self.report.findings.extend(n for n in result.notes if n not in self.report.findings)
+
+    def watch(self) -> "_Watch":
+        return _Watch(self.report)
+
+
+class _Watch:
+    def __init__(self, report: ExplainReport) -> None:
+        self.report = report
+
+    def __enter__(self) -> "_Watch":
+        self.skipped_before, self.breaks_before = _graph_break_counts(), break_counts()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for notes, new in ((self.report.notes, _skipped_frames(self.skipped_before)),
+                           (self.report.breaks, advice(self.breaks_before))):
+            notes.extend(n for n in new if n not in notes)
+
+
 def explain(fn: Callable, *args: Any, **kwargs: Any) -> ExplainReport:
     """Compile ``fn`` with the rewrite (recording what it did), run it once on ``args``/``kwargs``,
     and return an :class:`ExplainReport`; ``print(report)`` shows a table."""
-    report = ExplainReport()
-
-    def record(result: PassResult) -> None:
-        report.graphs += 1
-        report.rewrites.extend(result.rewrites)
-        report.misses.extend(result.misses)
+    recorder = Recorder()
 
     def run_graph(gm: torch.fx.GraphModule, example_inputs: list, **_: Any):
         return gm.forward
 
     torch._dynamo.reset()
-    before = _graph_break_counts()  # the counters are process-wide: report what this run added
     try:
-        compiled = torch.compile(fn, backend=make_backend(run_graph, on_result=record))
-        compiled(*args, **kwargs)
-        report.notes.extend(_skipped_frames(before))
+        compiled = torch.compile(fn, backend=make_backend(run_graph, on_result=recorder.on_result))
+        with recorder.watch():
+            compiled(*args, **kwargs)
     finally:
         torch._dynamo.reset()
-    return report
+    return recorder.report
 
 
 _SKIPPED = re.compile(r"frame skipped: (\S+) \((.+?) line (\d+)\)")
@@ -143,6 +207,9 @@ def _skipped_frames(before: Optional[dict] = None) -> list:
             why = "a graph break inside a for/while loop" if "graph break in loop" in msg else "a graph break"
             note = (f"{name} ({os.path.basename(path)}:{line}) ran eagerly: {why} made Dynamo skip the whole frame. "
                     "A loss in it is not compiled.")
+            if f"{os.sep}trl{os.sep}" in path:
+                note += (" (TRL's own fused lm-head: it computes per-token log-probabilities in chunks and never forms "
+                         "the N×V logits, so there is nothing for the rewrite to do.)")
             if "`disable`" in msg and why.endswith("loop"):
                 note += (" (A call torch marks as not traceable, inside the loop: e.g. the hooks of FSDP2's "
                          "fully_shard on each layer.) Move the layer loop into a submodule of its own, as Hugging "
@@ -153,4 +220,4 @@ def _skipped_frames(before: Optional[dict] = None) -> list:
     return notes
 
 
-__all__ = ["explain", "ExplainReport", "Rewrite", "MissRecord"]
+__all__ = ["explain", "ExplainReport", "Recorder", "Rewrite", "MissRecord"]

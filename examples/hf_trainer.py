@@ -1,23 +1,29 @@
 """A Hugging Face ``LlamaForCausalLM`` trained with ``transformers.Trainer`` and Cut Cross-Entropy,
-without touching the model's code: the rewrite finds Llama's own lm-head + loss in the compiled graph.
+without touching the model's code: the rewrite finds Llama's own lm-head + loss in the compiled step.
 
     python examples/hf_trainer.py                 # CPU: a small Llama, a few dozen steps
     python examples/hf_trainer.py --baseline      # also train with plain Inductor and compare memory
+    python examples/hf_trainer.py --gradient-checkpointing
     python examples/hf_trainer.py --device cuda   # a bigger Llama in bf16
 
-Two ways to switch it on:
+Ways to switch it on (``--how``):
 
-* ``--how install`` (default): ``cce_inductor.install()`` adds the rewrite to Inductor itself, so the
-  Trainer's ordinary ``TrainingArguments(torch_compile=True)`` (backend "inductor") gets it.
-* ``--how backend``: ``TrainingArguments(torch_compile=True, torch_compile_backend="cce")``, the backend
-  name alone. Trainer hands the name to ``accelerate``'s ``TorchDynamoPlugin``, which (accelerate
-  1.2 - 1.15 at least) only accepts the names in its ``DynamoBackend`` enum and rejects "cce" with
+* ``integration`` (default): ``cce_inductor.integrations.transformers.enable(trainer)``. The Trainer's
+  ``torch_compile=True`` compiles the whole model, whose output holds the logits, so they would be formed
+  anyway; ``enable`` makes the training step compile ``model(**inputs).loss`` instead (the Trainer's own
+  ``compute_loss`` still runs, ``num_items_in_batch`` included), so the logits are never formed, with or
+  without gradient checkpointing. ``report(trainer)`` shows what the rewrite did in that step.
+* ``install``: ``cce_inductor.install()`` + ``TrainingArguments(torch_compile=True)`` alone. The whole model
+  is compiled, its output holds the logits, so the pass leaves the loss to Inductor (computing the logits
+  a second time would be slower): no ``cce`` op runs, and ``explain`` says why.
+* ``backend``: ``TrainingArguments(torch_compile=True, torch_compile_backend="cce")``, the backend name alone.
+  Trainer hands the name to ``accelerate``'s ``TorchDynamoPlugin``, which (accelerate 1.2 - 1.16 at least)
+  only accepts the names in its ``DynamoBackend`` enum and rejects "cce" with
   ``ValueError: 'CCE' is not a valid DynamoBackend``; this script then says so and stops.
 
 The model is built from a small ``LlamaConfig`` (no download) and trained on the same data as
 ``train_lm.py``: the Python standard library's sources, BPE-tokenized locally, as blocks of tokens.
-Before training, ``cce_inductor.explain`` prints what the rewrite does to one step's loss; during
-training one step is profiled to show the ``cce::`` op really ran and how much memory it took.
+During training one step is profiled to show the ``cce::`` op really ran and how much memory it took.
 """
 from __future__ import annotations
 
@@ -52,7 +58,7 @@ def build_model(p, seed=0):
     return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
 
 
-def make_trainer(model, dataset, p, device, how, probe_step, out_dir):
+def make_trainer(model, dataset, p, device, how, probe_step, out_dir, checkpointing=False):
     from transformers import Trainer, TrainingArguments
 
     class ProbedTrainer(Trainer):
@@ -73,35 +79,46 @@ def make_trainer(model, dataset, p, device, how, probe_step, out_dir):
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.1, max_grad_norm=1.0,
         logging_steps=1, logging_strategy="steps", save_strategy="no", report_to="none",
         use_cpu=device.type != "cuda", bf16=device.type == "cuda", dataloader_num_workers=0,
-        disable_tqdm=False, seed=0, data_seed=0,
+        disable_tqdm=False, seed=0, data_seed=0, gradient_checkpointing=checkpointing,
         torch_compile=True, torch_compile_backend="cce" if how == "backend" else "inductor",
     )
-    return ProbedTrainer(model=model, args=args, train_dataset=dataset)
+    trainer = ProbedTrainer(model=model, args=args, train_dataset=dataset)
+    if how == "integration":
+        from cce_inductor.integrations import transformers as cce_transformers
+
+        cce_transformers.enable(trainer)  # the one line: the training step compiles the loss alone
+    return trainer
 
 
-def run(p, device, how, dataset, probe_step=1):
-    """Train one model; returns dict(losses, peak_bytes, cce_calls)."""
+def run(p, device, how, dataset, probe_step=1, checkpointing=False):
+    """Train one model; returns dict(losses, peak_bytes, cce_calls, report)."""
     import cce_inductor
 
     torch._dynamo.reset()
     model = build_model(p).to(device)
-    # "backend" (the name alone) and "none" (plain Inductor, the baseline) install nothing
+    # "backend" (the name alone), "integration" and "none" (plain Inductor, the baseline) install nothing
     with tempfile.TemporaryDirectory(prefix="cce_hf_") as out_dir, \
             cce_inductor.install() if how == "install" else contextlib.nullcontext():
-        trainer = make_trainer(model, dataset, p, device, how, probe_step, out_dir)
+        trainer = make_trainer(model, dataset, p, device, how, probe_step, out_dir, checkpointing)
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return dict(losses=losses, **(trainer.probe or dict(peak_bytes=float("nan"), cce_calls=0)))
+    report = None
+    if how == "integration":
+        from cce_inductor.integrations import transformers as cce_transformers
+
+        report = cce_transformers.report(trainer)
+    return dict(losses=losses, report=report,
+                **(trainer.probe or dict(peak_bytes=float("nan"), cce_calls=0)))
 
 
-def explain_one_step(p, dataset, device):
-    """What ``cce_inductor.explain`` reports for one step's loss, as Trainer computes it."""
+def explain_whole_model(p, dataset, device):
+    """What ``cce_inductor.explain`` reports for the Trainer's default compile (the whole model)."""
     import cce_inductor
 
     model = build_model(p).to(device)
     batch = torch.stack([dataset[i]["input_ids"] for i in range(p["batch"])]).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return cce_inductor.explain(lambda ids, labels: model(input_ids=ids, labels=labels).loss, batch, batch)
+        return cce_inductor.explain(model, input_ids=batch, labels=batch)
 
 
 def parse_args(argv=None):
@@ -109,8 +126,10 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--vocab-size", type=int, default=None)
-    ap.add_argument("--how", default="install", choices=["install", "backend"],
-                    help="install: cce_inductor.install() + torch_compile=True; backend: torch_compile_backend='cce'")
+    ap.add_argument("--how", default="integration", choices=["integration", "install", "backend"],
+                    help="integration: integrations.transformers.enable(trainer); install: cce_inductor.install() + "
+                         "torch_compile=True (the whole model: logits kept); backend: torch_compile_backend='cce'")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="TrainingArguments(gradient_checkpointing=True)")
     ap.add_argument("--baseline", action="store_true", help="also train with plain Inductor and compare memory")
     ap.add_argument("--tiny", action="store_true", help="tiny model and vocab, few steps (tests)")
     ap.add_argument("--cache-dir", default=str(_data.DEFAULT_CACHE))
@@ -128,31 +147,38 @@ def main(argv=None):
     tokens = _data.get_tokens(p["vocab"], p["corpus_bytes"], args.cache_dir)
     dataset = _data.TokenBlocks(tokens, p["seq"])
     print(f"LlamaForCausalLM hidden={p['hidden']} layers={p['layers']} vocab={p['vocab']} | "
-          f"{len(dataset)} blocks of {p['seq']} tokens, batch {p['batch']}, {p['steps']} steps on {device}")
+          f"{len(dataset)} blocks of {p['seq']} tokens, batch {p['batch']}, {p['steps']} steps on {device}"
+          + (", gradient checkpointing" if args.gradient_checkpointing else ""))
 
-    report = explain_one_step(p, dataset, device)
-    print(report)
+    if args.how == "install":
+        print("\nThe Trainer compiles the whole model (torch_compile=True); explain on that:")
+        print(explain_whole_model(p, dataset, device))
 
     runs = {}
     try:
-        runs[args.how] = run(p, device, args.how, dataset)
+        runs[args.how] = run(p, device, args.how, dataset, checkpointing=args.gradient_checkpointing)
     except ValueError as ex:
         if args.how == "backend" and "DynamoBackend" in str(ex):
             print(f"\nTrainer could not take torch_compile_backend='cce': {ex}\n"
-                  "accelerate's TorchDynamoPlugin accepts only its DynamoBackend enum names. Use --how install "
-                  "(cce_inductor.install() + torch_compile=True), or compile the model yourself with "
-                  "torch.compile(model, backend='cce') outside Trainer.")
-            return dict(report=report, runs=runs, error=str(ex))
+                  "accelerate's TorchDynamoPlugin accepts only its DynamoBackend enum names. Use --how integration "
+                  "(cce_inductor.integrations.transformers.enable(trainer)), or compile the loss yourself with "
+                  "torch.compile(lambda ...: model(...).loss, backend='cce') outside Trainer.")
+            return dict(report=None, runs=runs, error=str(ex))
         raise
+    report = runs[args.how]["report"]
+    if report is not None:
+        print("\nWhat the rewrite did in the Trainer's training step (cce_inductor.integrations.transformers.report):")
+        print(report)
     if args.baseline:
-        runs["none"] = run(p, device, "none", dataset)
+        runs["none"] = run(p, device, "none", dataset, checkpointing=args.gradient_checkpointing)
 
-    names = {"install": "Inductor + cce_inductor.install()", "backend": 'backend="cce"', "none": "Inductor (no cce)"}
-    print(f"\n{'Trainer run':36s} {'peak MB (fwd+bwd)':>18s} {'cce op calls':>13s} {'first loss':>11s} {'last loss':>10s}")
+    names = {"integration": "Inductor + integrations.transformers", "install": "Inductor + cce_inductor.install()",
+             "backend": 'backend="cce"', "none": "Inductor (no cce)"}
+    print(f"\n{'Trainer run':38s} {'peak MB (fwd+bwd)':>18s} {'cce op calls':>13s} {'first loss':>11s} {'last loss':>10s}")
     for k, r in runs.items():
-        print(f"{names[k]:36s} {r['peak_bytes'] / 2**20:18.1f} {r['cce_calls']:13d} {r['losses'][0]:11.4f} "
+        print(f"{names[k]:38s} {r['peak_bytes'] / 2**20:18.1f} {r['cce_calls']:13d} {r['losses'][0]:11.4f} "
               f"{r['losses'][-1]:10.4f}")
-    return dict(report=report, runs=runs, rewrites=len(report.rewrites))
+    return dict(report=report, runs=runs, rewrites=len(report.rewrites) if report is not None else 0)
 
 
 if __name__ == "__main__":

@@ -462,8 +462,9 @@ def test_dtensor_calls_that_change_the_backward_are_left_alone(workers):
 
 
 def _hf_worker(rank, world, mode):
-    """A tiny Hugging Face Llama: FSDP2 (each decoder layer and the root sharded) or tensor parallel
-    (ColwiseParallel lm_head + loss_parallel), ``model(input_ids, labels=labels).loss`` compiled."""
+    """A tiny Hugging Face Llama: FSDP2 (each decoder layer and the root sharded; the loss left to Inductor, the
+    logits being returned by the head's graph) or tensor parallel (ColwiseParallel lm_head + loss_parallel,
+    rewritten), ``model(input_ids, labels=labels).loss`` compiled."""
     import transformers as T
 
     from cce_inductor.backend import make_backend
@@ -525,10 +526,15 @@ def _hf_worker(rank, world, mode):
     if not torch.allclose(got, want, **tol):
         failures.append(f"{mode}: loss {got.item()} vs {want.item()}")
     _check_grads(model, ref, failures, mode, tol=tol)
-    if sum(len(r.rewrites) for r in results) != 1:
+    # FSDP2: each sharded module call is a graph break, so the head + loss run in the graph that resumes inside
+    # LlamaForCausalLM.forward, which returns the logits too: they are formed anyway, and the loss is left to
+    # Inductor (the op would compute them a second time). Values are the same either way.
+    fused = mode != "fsdp2"
+    kept = [m for r in results for m in r.misses if m.category == "logits_kept"]
+    if sum(len(r.rewrites) for r in results) != int(fused) or (not fused and len(kept) != 1):
         failures.append(f"{mode}: {[(r.rewrites, r.misses) for r in results]}")
     counts = _cce_op_counts(step)
-    if (_loss_ops(counts) if op == "loss" else counts[op]) != 1:
+    if (_loss_ops(counts) if op == "loss" else counts[op]) != int(fused):
         failures.append(f"{mode}: cce ops in a step: {dict(counts)}")
     return failures, [rw.notes for r in results for rw in r.rewrites]
 

@@ -1,8 +1,8 @@
 """The examples run end to end at a tiny size, the rewrite fires in them, and it changes no numbers.
 
 ``train_lm`` uses the ``aot_eager`` inner compiler by default here (seconds); the Inductor variant and
-the HF Trainer example (which needs Inductor: ``cce_inductor.install()`` hooks it) compile for real
-and are marked slow (~20-60 s each on 2 CPU cores).
+the HF Trainer example (its Trainer compiles with Inductor) compile for real and are marked slow (~20-60 s
+each on 2 CPU cores).
 """
 import importlib
 import math
@@ -75,12 +75,28 @@ def test_data_is_deterministic_and_cached(cache_dir):
 
 
 @pytest.mark.slow
-def test_hf_trainer_tiny(cache_dir):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_hf_trainer_tiny(cache_dir, checkpointing):
+    """The example's default: Trainer(torch_compile=True) + integrations.transformers.enable. The report of the
+    Trainer's own step shows one rewrite with the logits dead, and the profiled step ran the cce op."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     hf = _example("hf_trainer")
-    out = hf.main(["--tiny", "--device", "cpu", "--cache-dir", cache_dir])
-    assert out["rewrites"] == 1, out["report"]
-    run = out["runs"]["install"]
+    out = hf.main(["--tiny", "--device", "cpu", "--cache-dir", cache_dir]
+                  + (["--gradient-checkpointing"] if checkpointing else []))
+    assert out["rewrites"] == 1 and not out["report"].misses, out["report"]
+    assert not out["report"].rewrites[0].logits_kept
+    run = out["runs"]["integration"]
     assert run["cce_calls"] in (1, 2)  # the Trainer's compiled step ran the cce op(s): fast path 1, low-memory 2
     assert len(run["losses"]) == 4 and all(math.isfinite(x) for x in run["losses"])
+
+
+@pytest.mark.slow
+def test_hf_trainer_tiny_install_leaves_the_loss_to_inductor(cache_dir):
+    """--how install: the Trainer compiles the whole model; the logits are a graph output, so no cce op runs
+    and explain says why."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    hf = _example("hf_trainer")
+    out = hf.main(["--tiny", "--device", "cpu", "--cache-dir", cache_dir, "--how", "install"])
+    assert out["rewrites"] == 0 and out["runs"]["install"]["cce_calls"] == 0

@@ -22,7 +22,7 @@ LAYERS = [
     ("dispatch", ["dispatch", "distributed.local", "distributed.dtensor"]),
     ("public API", ["api", "distributed", "distributed.functional"]),
     ("graph rewrite", ["rewrite", "rewrite.*"]),
-    ("backend and report", ["backend", "explain", "integrations", "integrations.*"]),
+    ("backend and report", ["backend", "explain", "graph_breaks", "integrations", "integrations.*"]),
     ("package", [""]),
 ]
 # Function-level imports of our own modules allowed only where a dependency is optional: who -> what.

@@ -166,7 +166,8 @@ def test_inference_no_grad(data):
 
 
 def test_matmul_output_used_twice_in_chain(data):
-    """Two losses over the same ``.float()`` logits plus an unrelated use: all served, logits kept."""
+    """Two losses over the same ``.float()`` logits plus an unrelated use: the logits are needed anyway (each
+    op would compute them again), so both losses are left to Inductor, each naming what else reads them."""
     h, w, b, y = data
 
     def f(h, w, y):
@@ -174,7 +175,8 @@ def test_matmul_output_used_twice_in_chain(data):
         a = F.cross_entropy(z.view(-1, V), y.view(-1))
         c = F.cross_entropy(z.transpose(1, 2), y, reduction="sum")
         return a + c, z.argmax(-1)
-    check(f, (h, w, y), 2)
+    misses = assert_left_alone(f, (h, w, y), "left to Inductor: the logits are also needed by another cross-entropy")
+    assert len(misses) == 2 and all("`argmax`" in m.reason and m.category == "logits_kept" for m in misses), misses
 
 
 # ---- loss spellings -------------------------------------------------------------------------
@@ -303,18 +305,20 @@ def test_z_loss_served(data, where):
     assert r.lse_served == 1 and not r.logits_kept
 
 
-def test_z_loss_of_unsliced_logits_keeps_logits(data):
+def test_z_loss_of_unsliced_logits_is_left_to_inductor(data):
+    """A z-loss over other rows than the loss's (the unshifted logits) is not served by the op's lse: the
+    logits are needed for it, so the loss is left to Inductor and the report names the logsumexp."""
     h, w, b, y = data
 
     def f(h, w, y):
         z = h @ w.T
         ce = F.cross_entropy(z[:, :-1].reshape(-1, V), y[:, 1:].reshape(-1))
         return ce + 1e-2 * torch.logsumexp(z, -1).pow(2).mean()
-    results = check(f, (h, w, y), 1, return_results=True)
-    assert results[0].rewrites[0].lse_served == 0 and results[0].rewrites[0].logits_kept
+    misses = assert_left_alone(f, (h, w, y), "left to Inductor: the logits are also needed by `logsumexp`")
+    assert misses[0].category == "logits_kept"
 
 
-# ---- logits with other users -------------------------------------------------------------------
+# ---- logits with other users: left to Inductor (the op would compute them a second time) -------------------
 
 def test_logits_returned(data):
     h, w, b, y = data
@@ -322,19 +326,52 @@ def test_logits_returned(data):
     def f(h, w, y):
         logits = h @ w.T
         return F.cross_entropy(logits.float().view(-1, V), y.view(-1)), logits
-    results = check(f, (h, w, y), 1, return_results=True)
-    r = results[0].rewrites[0]
-    assert r.logits_kept and any("logits kept" in n for n in r.notes)
+    misses = assert_left_alone(f, (h, w, y), "left to Inductor: the logits are also needed by a graph output")
+    assert "returns only the loss" in misses[0].reason and "integrations.transformers" in misses[0].reason
+
+
+def test_logits_returned_values_and_gradients_equal_eager(data):
+    """Left alone means the graph is untouched: loss, logits and every gradient (through both) are eager's."""
+    h, w, b, y = data
+
+    def f(h, w, b, y):
+        logits = F.linear(h, w, b)
+        return F.cross_entropy(logits.float().view(-1, V), y.view(-1)), logits
+    check(f, (h, w, b, y), 0)
+
+
+def test_detached_metric_keeps_the_logits(data):
+    """A ``.detach()`` accuracy metric is not free: it reads the logits' values, so the loss is left alone."""
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = h @ w.T
+        acc = (z.detach().argmax(-1) == y).float().mean()
+        return F.cross_entropy(z.view(-1, V), y.view(-1)), acc
+    assert_left_alone(f, (h, w, y), "left to Inductor: the logits are also needed by `detach`")
+
+
+def test_served_z_loss_is_not_another_user(data):
+    """A logsumexp of the loss's own rows is the op's lse output: the logits are dead after the rewrite."""
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = (h @ w.T).float()
+        return F.cross_entropy(z.view(-1, V), y.view(-1)) + 1e-2 * z.logsumexp(-1).square().mean()
+    r = check(f, (h, w, y), 1, return_results=True)[0].rewrites[0]
+    assert r.lse_served == 1 and not r.logits_kept
 
 
 def test_two_losses_one_matmul(data):
+    """Two cross-entropies of one matmul: one op each would compute the logits twice; left to Inductor."""
     h, w, b, y = data
     y2 = torch.flip(y, [0])
 
     def f(h, w, y, y2):
         z = (h @ w.T).view(-1, V)
         return F.cross_entropy(z, y.view(-1)) + 0.5 * F.cross_entropy(z, y2.reshape(-1), reduction="sum")
-    check(f, (h, w, y, y2), 2)
+    misses = assert_left_alone(f, (h, w, y, y2), "needed by another cross-entropy")
+    assert len(misses) == 2
 
 
 # ---- negatives: left exactly as they were --------------------------------------------------------

@@ -31,8 +31,11 @@ of ``V``; the linear is row-wise so rows map to rows) and replaces the loss node
 
 (the public ``linear_cross_entropy`` without its autocast casts: the plan chose the dtypes).
 A ``torch.logsumexp(z, -1)`` of the same logits (a z-loss) is served by the op's lse output. Nodes
-that become dead are erased; logits that have other users (returned from the graph, printed, ...)
-stay, the loss is rewritten anyway and the report says the logits were kept.
+that become dead are erased. Logits that anything else needs (returned from the graph, a metric, a second
+loss) would be formed anyway and the op would compute them again: such a loss is left to Inductor, and
+the report names the other users. A LoRA adapter on the lm-head (``h @ W.T + s·(u @ B.T)``) is one matmul
+over concatenated operands. Lm-head logits read over the vocabulary by something other than a loss
+(RL log-probabilities, entropy) are reported as not served, so ``explain`` is never silent about them.
 
 The package, one job per module:
 
@@ -40,15 +43,18 @@ The package, one job per module:
 ``fx_util``         small helpers over FX nodes (fake values, shapes, argument binding, source lines)
 ``steps``           the typed step kinds and the order table the op's formula allows
 ``spellings``       the matched eager spellings: the logits matmul and one recognizer per step kind
+``low_rank``        a sum of matmuls (a LoRA adapter on the lm-head) as one matmul
 ``match``           the walk from a loss node up to the matmul
 ``regions``         the grad modes, autocast regions and torch.func transforms nodes run under
 ``mutation``        which tensors a node writes (from op schemas) and which nodes share memory
 ``zloss``           ``torch.logsumexp`` (z-loss) terms served by the op's lse output
 ``dtensor_hook``    a vocabulary-sharded DTensor lm-head: the vocabulary-parallel call instead
 ``plan``            every decision and every check that can refuse, before the graph is touched
+``kept_logits``     logits needed anyway (returned, other users): the loss is left to Inductor
 ``emit``            carrying out a plan as one transaction (undone on failure)
-``records``         what the pass reports: ``Rewrite``, ``MissRecord``, ``PassResult``
+``records``         what the pass reports: ``Rewrite``, ``MissRecord``, ``PassResult`` (and ``Miss``, raised)
 ``graph_pass``      the driver: :func:`rewrite_graph`
+``unserved``        vocabulary-wide reads of lm-head logits that are not a loss, for the report
 ==================  ========================================================================
 """
 from __future__ import annotations

@@ -130,6 +130,8 @@ def _emit_nodes(emit: _Emitter, plan: Plan) -> tuple[Node, list]:
     compute = plan.compute_dtype
     h = emit.cast(mm.hidden, compute)
     w = emit.cast(mm.weight if mm.weight is not None else emit("call_method", "t", (mm.weight_t,)), compute)
+    if mm.terms:  # h @ W.T + Σ s·(u @ B.T) = [h, s·u, ...] @ [W, B, ...].T (rewrite.low_rank)
+        h, w = _concat_low_rank(emit, h, w, mm.terms, compute)
     b = emit.cast(plan.bias, plan.bias_dtype) if plan.bias is not None else None
     order = m.order
     h_at = {-1: h}  # hidden after the i-th step (eager order)
@@ -172,6 +174,15 @@ def _emit_nodes(emit: _Emitter, plan: Plan) -> tuple[Node, list]:
     return out, replacements
 
 
+def _concat_low_rank(emit: _Emitter, h: Node, w: Node, terms: tuple, compute: torch.dtype) -> tuple[Node, Node]:
+    hs, ws = [h], [w]
+    for t in terms:
+        u = emit.cast(t.hidden, compute)
+        hs.append(u if t.scale == 1.0 else emit("call_function", operator.mul, (u, t.scale)))
+        ws.append(emit.cast(t.weight if t.weight is not None else emit("call_method", "t", (t.weight_t,)), compute))
+    return emit("call_function", torch.cat, (hs, -1)), emit("call_function", torch.cat, (ws, 1))
+
+
 def _switch_and_clean(graph: Graph, plan: Plan, out: Node, lse_replacements: list) -> Rewrite:
     """Point the loss's (and served logsumexps') users at the op, then erase what became dead."""
     from torch._inductor.pattern_matcher import stable_topological_sort
@@ -189,10 +200,9 @@ def _switch_and_clean(graph: Graph, plan: Plan, out: Node, lse_replacements: lis
     if lse_replacements:
         stable_topological_sort(graph)  # a logsumexp before the loss had users earlier than the op call
 
-    dead_candidates = [x for st in m.steps for x in (st.node, *st.extra)] + [mm.node]
-    if mm.weight_t is not None:
-        dead_candidates.append(mm.weight_t)
-    dead_candidates += [n for n in mm.node.args if isinstance(n, Node) and _transposed_2d(n) is not None]
+    dead_candidates = [x for st in m.steps for x in (st.node, *st.extra)] + list(mm.nodes)
+    dead_candidates += [w for w in [mm.weight_t] + [t.weight_t for t in mm.terms] if w is not None]
+    dead_candidates += [n for x in mm.nodes for n in x.args if isinstance(n, Node) and _transposed_2d(n) is not None]
     erased: set = set()
     changed = True
     while changed:

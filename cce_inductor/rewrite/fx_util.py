@@ -123,6 +123,16 @@ def location(node: Node) -> str:
     return f"<graph node {node.name}>"
 
 
+def short_location(node: Node) -> str:
+    """``file.py:42 (`code`)``: :func:`location` with the file's base name, for use inside a sentence."""
+    import os
+
+    where, _, code = location(node).partition("  ")
+    path, sep, line = where.rpartition(":")
+    short = f"{os.path.basename(path)}:{line}" if sep and line.isdigit() else where
+    return short + (f" (`{code}`)" if code else "")
+
+
 def _describe(node: Node) -> str:
     tgt = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
     return f"{node.op} {tgt} ({node.name})"

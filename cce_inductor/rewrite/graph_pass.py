@@ -14,6 +14,7 @@ from .plan import plan_rewrite
 from .records import MissRecord, PassResult
 from .regions import Regions
 from .spellings import _CE_FNS, is_loss_node, match_matmul
+from .unserved import find_unserved
 
 
 def _fed_by_matmul(node: Node, depth: int = 24) -> bool:
@@ -49,8 +50,11 @@ def _logits_are_graph_input(node: Node, depth: int = 16) -> bool:
     return False
 
 
-GRAPH_INPUT_REASON = ("the logits are an input of this graph: they were computed in another graph (a graph break "
-                      "between the lm-head and the loss?) or outside torch.compile, so there is no matmul to fuse")
+GRAPH_INPUT_REASON = ("the logits are an input of this graph: they were computed outside this compiled function (e.g. "
+                      "`outputs.logits` handed to a loss function, such as a Trainer's compute_loss_func) or in "
+                      "another graph after a graph break, so there is no matmul to fuse. Compile the code that "
+                      "computes the logits together with the loss and return only the loss, or call "
+                      "cce_inductor.linear_cross_entropy(hidden, lm_head.weight, labels) in place of both")
 
 
 # Higher-order ops whose body runs as the same code would run inline (activation checkpointing only
@@ -86,8 +90,8 @@ def _counters():
     return counters["cce"]
 
 
-def _record_miss(result: PassResult, where: str, kind: str, reason: str) -> None:
-    result.misses.append(MissRecord(where, kind, reason))
+def _record_miss(result: PassResult, where: str, kind: str, reason: str, category: str = "unsupported") -> None:
+    result.misses.append(MissRecord(where, kind, reason, category))
     _counters()["misses"] += 1
     log.info("cce: left %s at %s alone: %s", kind, where, reason)
 
@@ -99,6 +103,21 @@ def _report_losses_left_in(body: GraphModule, hop: str, result: PassResult) -> N
                          f"inside the body of torch.ops.higher_order.{hop}, which the pass does not rewrite")
     for inner_hop, inner in _subgraph_bodies(body.graph):
         _report_losses_left_in(inner, inner_hop, result)
+
+
+def _report_unserved(graph: torch.fx.Graph, result: PassResult, top_level: bool, handled: set) -> None:
+    """Vocabulary-wide reads of lm-head logits other than a loss (RL log-probabilities, entropy, ...): misses,
+    so that explain is never silent about logits it saw formed; returned logits: a note (top level only: a
+    checkpointed body returns its values to its caller)."""
+    try:
+        found = find_unserved(graph, handled)
+    except Exception:  # reporting must never fail a compile
+        log.debug("cce: error while looking for unserved forms", exc_info=True)
+        return
+    for m in found.misses:
+        _record_miss(result, m.where, m.loss, m.reason, m.category)
+    if top_level:
+        result.notes.extend(found.notes)
 
 
 def rewrite_graph(graph_or_module: Any) -> PassResult:
@@ -119,19 +138,24 @@ def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) ->
             inner = _rewrite(body, top_level=False, recomputed=hop == "tag_activation_checkpoint")
             result.rewrites.extend(inner.rewrites)
             result.misses.extend(inner.misses)
+            result.notes.extend(inner.notes)
         else:
             _report_losses_left_in(body, hop, result)
     losses = [n for n in graph.nodes if is_loss_node(n)]
     if not losses:
+        _report_unserved(graph, result, top_level, set())
         return result
     regions = Regions.of(graph)
     rewritten_here = 0
+    matched: set = set()  # the matmuls of the losses handled here (rewritten or left alone with a reason)
     for loss in losses:
         kind = _loss_kind(loss)
         where = location(loss)
         try:
             try:
-                plan = plan_rewrite(match_loss(loss), regions, recomputed=recomputed)
+                m = match_loss(loss)
+                matched.update(m.mm.nodes)
+                plan = plan_rewrite(m, regions, recomputed=recomputed)
             except Miss:
                 raise
             except Exception as e:  # an unforeseen graph shape: report it, never fail the compile
@@ -140,15 +164,16 @@ def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) ->
             r = emit_plan(graph, plan)
         except Miss as e:
             if _fed_by_matmul(loss):
-                _record_miss(result, where, kind, str(e))
+                _record_miss(result, where, kind, str(e), e.category)
             elif top_level and _logits_are_graph_input(loss):  # a body's inputs come from its caller
-                _record_miss(result, where, kind, GRAPH_INPUT_REASON)
+                _record_miss(result, where, kind, GRAPH_INPUT_REASON, "graph_input")
             continue
         result.rewrites.append(r)
         _counters()["rewrites"] += 1
         rewritten_here += 1
         log.info("cce: rewrote %s at %s (N=%s D=%s V=%s %s)%s", kind, where, r.N, r.D, r.V, r.options,
                  "; " + "; ".join(r.notes) if r.notes else "")
+    _report_unserved(graph, result, top_level, matched)
     if rewritten_here:  # a rewritten body recompiled itself; this graph only changed if it had rewrites
         graph.lint()
         owner = getattr(graph, "owning_module", None)

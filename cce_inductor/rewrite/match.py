@@ -25,11 +25,11 @@ from .spellings import (
     match_matmul,
 )
 from .mutation import written_args
+from .records import Miss
 from .steps import Step, StepKind, check_order
+from .low_rank import match_low_rank_sum
 
 
-class Miss(Exception):
-    """Why a cross-entropy was left alone."""
 
 
 @dataclass
@@ -122,7 +122,7 @@ def match_loss(loss: Node) -> Match:
     steps: list = []
     cur = x
     for _ in range(64):
-        mm = match_matmul(cur)
+        mm = match_matmul(cur) or match_low_rank_sum(cur)
         if mm is not None and class_last:
             break
         if not class_last and mm is not None:
@@ -149,13 +149,18 @@ def match_loss(loss: Node) -> Match:
     if not (_dtype(mm.hidden) or torch.int64).is_floating_point:
         raise Miss("hidden is not floating point")
     parallel = _plan_parallel(mm, a["target"], steps, loss)
+    if parallel is not None and mm.terms:
+        raise Miss("a low-rank (LoRA) adapter on a vocabulary-sharded lm-head is not folded")
     why = check_order(list(reversed(steps)), mm.bias is not None)
     if why is not None:
         raise Miss(why)
     if not is_ce and not any(st.kind is StepKind.NORMALIZE for st in steps):
         raise Miss("nll_loss input is not a log_softmax of the logits")
+    d = hs[-1]
+    for t in mm.terms:  # the op's inner dim: the hidden states and every down-projection, concatenated
+        d = d + _shape(t.hidden)[-1]
     return Match(loss, "cross_entropy" if is_ce else "nll_loss", a["target"], a["ignore_index"], a["reduction"],
-                 float(a["label_smoothing"]), mm, steps, v, hs[-1], parallel)
+                 float(a["label_smoothing"]), mm, steps, v, d, parallel)
 
 
 def _plan_parallel(mm: Matmul, target: Node, steps: list, loss: Node):

@@ -34,6 +34,7 @@ from .. import config
 from ..options import LossOptions
 from ..paths import choose_path
 from .fx_util import _dtype, _same_size, _shape, _val, location
+from .kept_logits import check_logits_unshared
 from .match import Match, Miss
 from .mutation import callee_name, may_share_memory, observed_for_grad, storages, writes
 from .regions import Regions
@@ -100,7 +101,7 @@ def _lse_feeder(u: Node) -> Optional[Node]:
 def _replaced_nodes(m: Match, lse_users: list) -> list:
     """Every node whose value the op's outputs stand for: the matmul, each step (and its extra nodes),
     each served logsumexp and what feeds it."""
-    nodes = [m.mm.node] + [st.node for st in m.steps] + [x for st in m.steps for x in st.extra]
+    nodes = list(m.mm.nodes) + [st.node for st in m.steps] + [x for st in m.steps for x in st.extra]
     for u, *_ in lse_users:
         nodes += [u] + [f for f in (_lse_feeder(u),) if isinstance(f, Node)]
     return nodes + [m.loss]
@@ -111,7 +112,7 @@ def _check_modes(m: Match, regions: Regions, lse_users: list) -> None:
     them (a step, a z-loss metric) makes eager's value carry no gradient where the op's would."""
     for n in _replaced_nodes(m, lse_users):
         if regions.grad.get(n) != regions.grad.get(m.loss):
-            what = "the matmul" if n is m.mm.node else f"`{n.name}` ({location(n)})"
+            what = "the matmul" if n in m.mm.nodes else f"`{n.name}` ({location(n)})"
             raise Miss(f"{what} and the loss run under different grad modes (torch.no_grad() / enable_grad())")
         if regions.transforms.get(n, 0):
             raise Miss("inside a torch.func transform (grad/vmap/jvp) or a forward-mode AD level: left to eager "
@@ -140,10 +141,7 @@ def _plan_dtypes(m: Match, regions: Regions, bias: Optional[Node],
         raise Miss(f"the logits matmul computes in {compute}")
     device = _val(mm.hidden).device.type
     amp = regions.autocast_dtype(mm.node, device)
-    operands = [("hidden", mm.hidden), ("weight", mm.weight if mm.weight is not None else mm.weight_t)]
-    if mm.bias is not None:
-        operands.append(("bias", mm.bias))
-    for name, node in operands:
+    for name, node in mm.operands():
         dt = _dtype(node)
         cast_by_autocast = amp is not None and dt in _AUTOCAST_ELIGIBLE and amp == compute
         if dt != compute and not cast_by_autocast:  # (einsum with D=1 is a mul: autocast leaves it alone)
@@ -185,7 +183,7 @@ def _check_mutation(m: Match, bias: Optional[Node], lse_users: list, pos: dict) 
     replacement reads (hidden, weight, bias) or that eager's logits live in (every step's value); nor,
     after that, to what the op saves for its backward (hidden, weight, bias, targets)."""
     mm = m.mm
-    reads = {"hidden states": mm.hidden, "weight": mm.weight if mm.weight is not None else mm.weight_t}
+    reads = dict((what, node) for what, node in mm.operands() if what != "bias")
     if bias is not None:
         reads["bias"] = bias
     # (storages, what) of each tensor the op saves for its backward, and of each the window must not touch.
@@ -194,7 +192,7 @@ def _check_mutation(m: Match, bias: Optional[Node], lse_users: list, pos: dict) 
     chain = [n for n in _replaced_nodes(m, lse_users) if n is not m.loss]
     logits = [(storages(n), "logits") for n in chain]
     protected += logits
-    start = pos[mm.node]
+    start = min(pos[n] for n in mm.nodes)  # a sum of matmuls: from the first of them
     end = max([pos[m.loss]] + [pos[u[0]] for u in lse_users])
     # The op stands where the loss stands; what uses a served logsumexp before that moves after it, past
     # anything in between, so nothing in between may write at all.
@@ -252,8 +250,7 @@ def _check_served_lse_users(m: Match, bias: Optional[Node], lse_users: list, reg
                 downstream.add(user)
                 stack.append(user)
     mm = m.mm
-    for what, node in (("hidden states", mm.hidden), ("weight", mm.weight if mm.weight is not None else mm.weight_t),
-                       ("bias", bias), ("targets", m.target)):
+    for what, node in [(w, n) for w, n in mm.operands() if w != "bias"] + [("bias", bias), ("targets", m.target)]:
         if node is not None and node in downstream:
             raise Miss(f"the {what} of the loss are computed from the z-loss's logsumexp: the op would need "
                        "its own output")
@@ -296,7 +293,7 @@ def _plan_path(m: Match, regions: Regions, compute: torch.dtype, lse_users: list
         return "low_memory", "low_memory", "inside an activation-checkpointed region (recomputed in the backward)"
     grad_on = regions.grad.get(m.loss, torch.is_grad_enabled())
     mm = m.mm
-    inputs = [mm.hidden, mm.weight if mm.weight is not None else mm.weight_t, mm.bias]
+    inputs = [node for _, node in mm.operands()]
     needs_grad = grad_on and any(isinstance(_val(n), torch.Tensor) and _val(n).requires_grad
                                  for n in inputs if n is not None)
     n_tokens = 1
@@ -308,7 +305,9 @@ def _plan_path(m: Match, regions: Regions, compute: torch.dtype, lse_users: list
 
 
 def plan_rewrite(m: Match, regions: Regions, recomputed: bool = False) -> Plan:
-    """Decide the whole replacement for a match, or raise Miss with the reason."""
+    """Decide the whole replacement for a match, or raise Miss with the reason. A loss whose logits are
+    needed anyway (returned, or read by something else) is left to Inductor, after every other check: that
+    reason is reported only when nothing else stands in the way."""
     lse_users = find_logsumexps(m)
     _check_modes(m, regions, lse_users)
     scale, softcap, bias = _fold_epilogue(m)
@@ -322,6 +321,7 @@ def plan_rewrite(m: Match, regions: Regions, recomputed: bool = False) -> Plan:
     pos = _node_positions(m.loss.graph)
     _check_mutation(m, bias, lse_users, pos)
     _check_served_lse_users(m, bias, lse_users, regions, pos)
+    check_logits_unshared(m, lse_users, in_region=recomputed)
     path, expected, reason = _plan_path(m, regions, compute, lse_users, recomputed)
     return Plan(m, compute, bias, bias_dtype, options, lse_users, path, expected, reason)
 

@@ -1,8 +1,15 @@
-"""What the pass reports: one :class:`Rewrite` per replaced loss, one :class:`MissRecord` per loss left alone."""
+"""What the pass reports: one :class:`Rewrite` per replaced loss, one :class:`MissRecord` per loss left alone
+(raised inside the pass as :class:`Miss`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+
+class Miss(Exception):
+    """Why a loss was left alone (``category``: see :class:`MissRecord`)."""
+
+    category = "unsupported"
 
 
 @dataclass
@@ -30,9 +37,14 @@ class MissRecord:
     where: str
     loss: str
     reason: str
+    # "unsupported": a form or hazard the rewrite refuses; "logits_kept": left to Inductor because the logits
+    # are needed anyway; "graph_input": the logits come from outside the graph; "not_served": a form over the
+    # vocabulary the op does not compute (per-token log-probabilities, entropy, ...)
+    category: str = "unsupported"
 
 
 @dataclass
 class PassResult:
     rewrites: list = field(default_factory=list)
     misses: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # what the report should say that is neither (e.g. returned logits)

@@ -100,9 +100,26 @@ def _transposed_2d(node: Any) -> Optional[Node]:
 
 
 @dataclass
+class LowRankTerm:
+    """``scale * (hidden @ weight.T)`` added to the logits: a LoRA adapter's ``lora_B(lora_A(x)) * scaling``
+    with ``hidden`` = ``lora_A(x)`` ([..., r]) and ``weight`` = B ([V, r]; ``weight_t`` when only B.T exists)."""
+
+    hidden: Node
+    weight: Optional[Node]
+    weight_t: Optional[Node]
+    scale: float
+    nodes: tuple  # the term's matmul (and its scaling), which die with the logits
+
+    @property
+    def weight_node(self) -> Node:
+        return self.weight if self.weight is not None else self.weight_t
+
+
+@dataclass
 class Matmul:
     """The logits' producer: ``z = hidden @ weight.T (+ bias)``; ``weight_t`` set when only ``weight.T``
-    (a [D, V] node) exists in the graph."""
+    (a [D, V] node) exists in the graph. With low-rank ``terms`` (``rewrite.low_rank``), ``node`` is the sum
+    ``hidden @ weight.T + Σ scale·(u @ B.T)`` and ``parts`` the nodes it is built from."""
 
     node: Node
     hidden: Node
@@ -110,6 +127,27 @@ class Matmul:
     weight_t: Optional[Node] = None
     bias: Optional[Node] = None
     spelling: str = ""
+    terms: tuple = ()
+    parts: tuple = ()
+
+    @property
+    def nodes(self) -> list:
+        """The nodes whose values are the logits, or parts of them, as this matmul forms them."""
+        return [self.node, *self.parts]
+
+    @property
+    def weight_node(self) -> Node:
+        return self.weight if self.weight is not None else self.weight_t
+
+    def operands(self) -> list:
+        """(what, node) of every tensor the op reads in place of the logits."""
+        ops = [("hidden states", self.hidden), ("weight", self.weight_node)]
+        if self.bias is not None:
+            ops.append(("bias", self.bias))
+        for t in self.terms:
+            ops += [("low-rank (LoRA) down-projection", t.hidden), ("low-rank (LoRA) up-projection weight",
+                                                                    t.weight_node)]
+        return ops
 
 
 def _weight_from_dv(b: Node) -> tuple[Optional[Node], Optional[Node]]:
