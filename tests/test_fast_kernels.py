@@ -48,7 +48,7 @@ def check_fast(h, w, b, t, opts, reduction, tokens, remainder, need=(True, True,
     return loss, dh, dw, db
 
 
-@pytest.mark.parametrize("dtype", dtype_params("fp32", "fp16", "bf16"))
+@pytest.mark.parametrize("dtype", dtype_params("fp32", "fp16", "bf16", quick=("bf16",)))
 @pytest.mark.parametrize("case", list(OPTION_CASES))
 @pytest.mark.parametrize("reduction", ["mean", pytest.param("sum", marks=pytest.mark.slow)])
 def test_fast_forward_matches_float64(dtype, case, reduction, poison):
@@ -232,7 +232,7 @@ def test_accumulate_falls_back_to_a_smaller_tile_on_out_of_resources(monkeypatch
 
 
 @pytest.mark.parametrize("dtype", dtype_params("bf16", "fp16"))
-@pytest.mark.parametrize("remainder", ["int8", "int4"])
+@pytest.mark.parametrize("remainder", ["int8", pytest.param("int4", marks=pytest.mark.slow)])
 def test_cublas_fold_scheme_matches_float64(dtype, remainder, poison):
     """The d_weight accumulator filled by float32 products (cuBLAS on a GPU, an upcast matmul here) folded
     into hi + remainder, in several vocabulary slabs per chunk: every option, as exact as the Triton scheme."""

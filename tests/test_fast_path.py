@@ -11,7 +11,7 @@ from cce_inductor import select
 from cce_inductor.reference import reference_linear_cross_entropy
 from cce_inductor.select import use_triton_on_cpu
 
-from helpers import TRITON_ON_CPU, make_inputs, needs_interpreter, option_grid, option_id, rel_err
+from helpers import make_inputs, needs_interpreter, option_grid, option_id, rel_err
 
 UPSTREAM = 0.37  # a non-power-of-two factor after the loss (as sum / num_items gives)
 
@@ -60,8 +60,13 @@ def test_fast_path_every_option_fp32(kw, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)],
                          ids=["bf16", "fp16"])
-@pytest.mark.parametrize("softcap,label_smoothing,reduction", [(None, 0.0, "mean"), (30.0, 0.1, "sum")])
-@pytest.mark.parametrize("triton", TRITON_ON_CPU)
+@pytest.mark.parametrize("softcap,label_smoothing,reduction,triton", [
+    pytest.param(None, 0.0, "mean", False, id="torch-plain"),
+    pytest.param(30.0, 0.1, "sum", False, id="torch-options"),
+    pytest.param(None, 0.0, "mean", True, id="triton-plain", marks=needs_interpreter),
+    # under the interpreter the options case is a slow variant (tests/test_fast_kernels.py covers the options)
+    pytest.param(30.0, 0.1, "sum", True, id="triton-options", marks=[needs_interpreter, pytest.mark.slow]),
+])
 def test_16bit_fast_path_as_exact_as_eager(dtype, softcap, label_smoothing, reduction, triton):
     """Relative error vs float64 within 1.5x eager's own at the same dtype, with several token chunks (the
     compensated d_weight accumulation) and a non-power-of-two upstream gradient."""

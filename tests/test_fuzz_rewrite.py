@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from helpers import check, fuzz_examples
 
-# Budgets: shares of the hypothesis profile (conftest.py): quick 40 / 3, ci 150 / 11, long 1000 / 75 examples
+# Budgets: shares of the hypothesis profile (conftest.py): quick 25 / 2, ci 150 / 11, long 1000 / 75 examples
 # (--hypothesis-profile=long is random rather than derandomized).
 
 MATMULS = ["linear", "linear_bias", "at_T", "matmul_t", "einsum", "plus_bias", "addmm2d", "mm2d", "lora"]

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from helpers import _reset_dynamo, compile_counting, fuzz_examples  # noqa: F401
 
-# Budget: 1.5x the hypothesis profile's (conftest.py): quick 60, ci 225, long 1500 (random) examples.
+# Budget: 1.5x the hypothesis profile's (conftest.py): quick 38, ci 225, long 1500 (random) examples.
 
 WRITES = ["none", "logits_setitem", "logits_mul_", "logits_view_setitem", "logits_masked_fill_", "logits_iadd",
           "logits_foreach_mul_", "logits_checkpoint_mul_", "logits_hook", "no_grad_step",
