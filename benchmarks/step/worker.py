@@ -144,6 +144,12 @@ class Worker:
             model.loss_type = "ForCausalLM"  # keeps lm_head and the loss in one graph (see README)
         if self.a.grad_ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.variant in COMPILED:
+                # The README's checkpointing recipe, for every compiled variant alike: without it Dynamo runs
+                # transformers' checkpointed layers eagerly (an "HOP: Unsafe side effect" break) and the head's
+                # graph returns the logits; with it the whole step is one graph.
+                torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+                self.info["ckpt_side_effects_flag"] = True
         self.info = dict(attn_impl=model.config._attn_implementation,
                          params_M=round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                          layers=cfg.num_hidden_layers, vocab=cfg.vocab_size, hidden=cfg.hidden_size,
