@@ -9,7 +9,7 @@ from cce_inductor.kernels import KernelConfig, triton_backward, triton_forward
 from cce_inductor.kernels.common import to_rne
 from cce_inductor.kernels.config import INTERPRETER_CONFIG, chunk_width, forward_splits
 from cce_inductor.options import LossOptions
-from cce_inductor.reference import reference_loss_and_grads, rel_err
+from cce_inductor.reference import reference_linear_cross_entropy, reference_loss_and_grads, rel_err
 
 from helpers import OPTION_CASES, dtype_params, fuzz_examples, needs_interpreter, poison  # noqa: F401  (a fixture)
 from helpers import kernel_inputs as make_inputs
@@ -26,7 +26,23 @@ GRAD_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 FWD_TOL = 2e-5
 
 
-def run_and_check(h, w, b, t, opts, cfg, gen, with_glse=True, grad_tol=None, expect_nan_rows=()):
+def _eager_grad_errors(h, w, b, t, opts, g, gl, ref):
+    """Eager PyTorch's own relative errors (vs the float64 ``ref``) of d_hidden, d_weight, d_bias in the
+    inputs' dtype, for the same upstream gradients: the bound the project holds its gradients to."""
+    params = [x.detach().clone().requires_grad_() for x in (h, w, b) if x is not None]
+    hh, ww, bb = params[0], params[1], (params[2] if b is not None else None)
+    loss, lse = reference_linear_cross_entropy(hh, ww, t, bias=bb, reduction="none", return_lse=True,
+                                               ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+                                               softcap=opts.softcap, logit_scale=opts.logit_scale)
+    total = (loss * g).sum() + ((lse * gl).sum() if gl is not None else 0)
+    return [rel_err(x, r) for x, r in zip(torch.autograd.grad(total, params), ref)]
+
+
+def run_and_check(h, w, b, t, opts, cfg, gen, with_glse=True, grad_tol=None, expect_nan_rows=(),
+                  eager_bound=False):
+    """Forward and backward kernels against float64. ``eager_bound``: a gradient may also be off by up to
+    1.5x eager's own error in the same dtype (tiny degenerate shapes, where bf16 rounding of d(logits)
+    dominates a cancelling sum for eager too)."""
     N = h.shape[0]
     loss, lse = triton_forward(h, w, b, t, opts, config=cfg)
     assert loss.shape == (N,) and lse.shape == (N,)
@@ -53,10 +69,12 @@ def run_and_check(h, w, b, t, opts, cfg, gen, with_glse=True, grad_tol=None, exp
     if expect_nan_rows:
         return loss, dh, dw, db
     tol = grad_tol or GRAD_TOL[h.dtype]
-    assert rel_err(dh, rdh) < tol, rel_err(dh, rdh)
-    assert rel_err(dw, rdw) < tol, rel_err(dw, rdw)
-    if b is not None:
-        assert rel_err(db, rdb) < tol, rel_err(db, rdb)
+    ours, refs = [dh, dw] + ([db] if b is not None else []), [rdh, rdw] + ([rdb] if b is not None else [])
+    bounds = [tol] * len(ours)
+    if eager_bound:
+        bounds = [max(tol, 1.5 * e) for e in _eager_grad_errors(h, w, b, t, opts, g, gl, refs)]
+    for name, x, r, bound in zip(("d_hidden", "d_weight", "d_bias"), ours, refs, bounds):
+        assert rel_err(x, r) < bound, (name, rel_err(x, r), bound)
     return loss, dh, dw, db
 
 
@@ -188,7 +206,7 @@ def test_random_shapes_and_options(N, D, V, dtype, has_bias, softcap, eps, scale
         t[N // 2] = -100
     opts = LossOptions(label_smoothing=eps, softcap=softcap, logit_scale=scale)
     cfg = INTERPRETER_CONFIG.with_(splits=splits, chunk_cols=chunk)
-    run_and_check(h, w, b, t, opts, cfg, gen, with_glse=bool(seed % 2))
+    run_and_check(h, w, b, t, opts, cfg, gen, with_glse=bool(seed % 2), eager_bound=True)
 
 
 def test_config_is_a_frozen_object():
