@@ -12,6 +12,10 @@ graph rewrite inserts it: its plan has already chosen the dtypes each input is h
 4. the reduction of the per-token loss (:func:`~cce_inductor.core.reduce.reduce_loss`), as plain PyTorch the
    compiler sees.
 
+Outputs: the loss, then the per-token lse (``return_lse``), then the per-token entropy of softmax(logits)
+(``return_entropy``), each differentiable. ``targets=None`` (the graph rewrite's entropy / lse reads, which
+have no labels) counts every row as ignored: the loss is then all zeros and only the other outputs are read.
+
 The decision is made from flags only (never sizes), so it is static under torch.compile; the op picks its
 scheme from the actual sizes when it runs (:mod:`cce_inductor.select`).
 """
@@ -43,16 +47,20 @@ def needs_transformable_op(*tensors: Optional[Tensor]) -> bool:
     return False
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Optional[Tensor], *, bias: Optional[Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                          softcap: Optional[float] = None, logit_scale: float = 1.0, return_lse: bool = False,
-                         path: Optional[str] = None):
+                         return_entropy: bool = False, path: Optional[str] = None):
     """:func:`cce_inductor.linear_cross_entropy` on plain tensors already in the dtypes to compute in
-    (no autocast casts). ``path=None``: ``cce_inductor.config.path``."""
+    (no autocast casts). ``path=None``: ``cce_inductor.config.path``. ``targets=None``: no labels (see the
+    module docstring)."""
+    if targets is None:
+        targets = torch.full(hidden.shape[:-1], ignore_index, dtype=torch.int64, device=hidden.device)
     check_inputs(hidden, weight, targets, bias, reduction=reduction)
     opts = LossOptions(ignore_index, label_smoothing, softcap, logit_scale)  # validates the options
     path = config.path if path is None else path  # (a plain read: Dynamo traces this function)
-    if targets.dtype not in (torch.int32, torch.int64):  # the kernels index with int32/int64 labels
+    if targets.dtype not in (torch.int32, torch.int64) or (  # the kernels index with int32/int64 labels
+            targets.dtype == torch.int32 and not -2**31 <= opts.ignore_index < 2**31):  # (NO_IGNORE_INDEX)
         targets = targets.long()
     check_target_range(targets, weight.shape[0], ignore_index)
 
@@ -62,15 +70,17 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
             None if opts.softcap is None else float(opts.softcap), float(opts.logit_scale))
     wants = [t is not None and t.requires_grad for t in (hidden, weight, bias)]
     needs_grad = torch.is_grad_enabled() and any(wants)
-    fast_refused = fast_path_refusal(path, reduction, return_lse, needs_grad)  # also checks ``path``
+    fast_refused = fast_path_refusal(path, reduction, return_lse, needs_grad, return_entropy)  # also checks ``path``
     if needs_transformable_op(hidden, weight, bias):
-        loss, lse = ops.TransformableLinearCrossEntropy.apply(*args)
+        loss, lse, entropy = ops.TransformableLinearCrossEntropy.apply(*args, return_entropy)
     elif fast_refused is None:
         loss, _, _, _ = torch.ops.cce.fast_linear_cross_entropy(*args, reduction, *wants, path)
         return loss
     else:
-        loss, lse = torch.ops.cce.linear_cross_entropy_forward(*args, for_backward=needs_grad)
+        loss, lse, entropy = torch.ops.cce.linear_cross_entropy_forward(*args, for_backward=needs_grad,
+                                                                        with_entropy=return_entropy)
     loss = reduce_loss(loss, flat_targets, opts.ignore_index, reduction, lead_shape)
-    if return_lse:
-        return loss, lse.reshape(lead_shape)
-    return loss
+    if not (return_lse or return_entropy):
+        return loss
+    return (loss, *([lse.reshape(lead_shape)] if return_lse else []),
+            *([entropy.reshape(lead_shape)] if return_entropy else []))

@@ -5,6 +5,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+# The ``ignore_index`` of a call that ignores no row (per-token log-probabilities read with ``torch.gather``,
+# which takes every index as a class index): int64's smallest value, which no class index equals, so a
+# target outside [0, V) gives NaN (and raises eagerly) as it does for any other ignore_index.
+NO_IGNORE_INDEX = -(2 ** 63)
 
 @dataclass(frozen=True)
 class LossOptions:

@@ -177,7 +177,8 @@ def plan_fast(N, D, V, dtype: torch.dtype, *, memory_fraction: Optional[float] =
     return min(candidates, key=plan_cost)
 
 
-def fast_path_refusal(path: str, reduction: str, return_lse: bool, needs_grad: bool) -> Optional[str]:
+def fast_path_refusal(path: str, reduction: str, return_lse: bool, needs_grad: bool,
+                      return_entropy: bool = False) -> Optional[str]:
     """The one rule for whether the fast path may serve a loss, from flags only (never sizes: static under
     torch.compile): None when it may, else why not. The fast op itself then picks its scheme from the actual
     sizes (:func:`plan_fast`)."""
@@ -188,13 +189,16 @@ def fast_path_refusal(path: str, reduction: str, return_lse: bool, needs_grad: b
         return f"reduction={reduction!r} needs per-token gradients (fast path: scalar loss only)"
     if return_lse:
         return "the lse output needs its own gradient (fast path: loss only)"
+    if return_entropy:
+        return "the per-token entropy output needs its own gradient (fast path: loss only)"
     if not needs_grad:
         return "no gradient needed (forward only)"
     return None
 
 
 def choose_path(N, D, V, dtype: torch.dtype, device, reduction: str, return_lse: bool, needs_grad: bool,
-                path: Optional[str] = None, settings: Optional[Settings] = None) -> PathChoice:
+                path: Optional[str] = None, settings: Optional[Settings] = None,
+                return_entropy: bool = False) -> PathChoice:
     """("fast" | "low_memory", tokens_per_chunk, reason) for a loss of N tokens, hidden D, vocabulary V.
 
     ``path``: "auto" | "fast" | "low_memory" (None: ``cce_inductor.config.path``). ``device`` is accepted
@@ -203,7 +207,7 @@ def choose_path(N, D, V, dtype: torch.dtype, device, reduction: str, return_lse:
     """
     cfg = settings if settings is not None else Settings.from_config()
     path = cfg.path if path is None else path
-    refusal = fast_path_refusal(path, reduction, return_lse, needs_grad)
+    refusal = fast_path_refusal(path, reduction, return_lse, needs_grad, return_entropy)
     if refusal is not None:
         return PathChoice("low_memory", 0, refusal)
     if path == "fast":

@@ -81,7 +81,8 @@ def _triton_or_torch(what: str, triton_call: Callable, torch_call: Callable):
         return torch_call()
 
 
-def _triton_low_memory_forward(hidden, weight, bias, targets, opts, for_backward: bool, settings: Settings):
+def _triton_low_memory_forward(hidden, weight, bias, targets, opts, for_backward: bool, settings: Settings,
+                               with_entropy: bool = False):
     """``config.forward_kernel``: "auto" is the fused kernel when the backward will recompute the logits from
     this lse (its fp32 logits are the ones the backward recomputes, so softmax sums to 1 exactly there: with
     the chunked forward's bf16 logits the low-memory gradients were 1.3x eager's error on an H200), the
@@ -93,43 +94,52 @@ def _triton_low_memory_forward(hidden, weight, bias, targets, opts, for_backward
         choice = "chunked" if (hidden.is_cuda and not for_backward) else "fused"
     if choice == "chunked":
         return kernels.triton_chunked_forward(hidden, weight, bias, targets, opts,
-                                              chunk_bytes=settings.forward_chunk_bytes, config=cfg)
-    return kernels.triton_forward(hidden, weight, bias, targets, opts, config=cfg)
+                                              chunk_bytes=settings.forward_chunk_bytes, config=cfg,
+                                              with_entropy=with_entropy)
+    return kernels.triton_forward(hidden, weight, bias, targets, opts, config=cfg, with_entropy=with_entropy)
 
 
 def _triton_low_memory_backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, need_d_weight,
-                                settings: Settings):
+                                settings: Settings, grad_entropy=None, entropy=None):
     return _kernels().triton_backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts,
-                                   config=kernel_config(hidden, weight, settings), need_d_weight=need_d_weight)
+                                      config=kernel_config(hidden, weight, settings), need_d_weight=need_d_weight,
+                                      grad_entropy=grad_entropy, entropy=entropy)
 
 
 def low_memory_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, opts: LossOptions,
-                       *, for_backward: bool = True, settings: Optional[Settings] = None) -> tuple[Tensor, Tensor]:
-    """Per-token (loss [N], lse [N]) in the op's arithmetic dtype. ``for_backward=False``: no gradient
-    will be computed from this call (which picks the no-grad forward kernel on CUDA)."""
+                       *, for_backward: bool = True, with_entropy: bool = False,
+                       settings: Optional[Settings] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Per-token (loss [N], lse [N], entropy [N] | None) in the op's arithmetic dtype; the entropy of
+    softmax(logits) only with ``with_entropy``. ``for_backward=False``: no gradient will be computed from
+    this call (which picks the no-grad forward kernel on CUDA)."""
     s = settings if settings is not None else Settings.from_config()
 
     def on_torch():
-        return torch_low_memory.forward(hidden, weight, bias, targets, opts)
+        return torch_low_memory.forward(hidden, weight, bias, targets, opts, with_entropy=with_entropy)
     if not uses_triton(hidden):
-        return on_torch()
-    return _triton_or_torch("low-memory path", lambda: _triton_low_memory_forward(
-        hidden, weight, bias, targets, opts, for_backward, s), on_torch)
+        out = on_torch()
+    else:
+        out = _triton_or_torch("low-memory path", lambda: _triton_low_memory_forward(
+            hidden, weight, bias, targets, opts, for_backward, s, with_entropy), on_torch)
+    return out if with_entropy else (*out, None)
 
 
 def low_memory_backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weight: Tensor,
                         bias: Optional[Tensor], targets: Tensor, lse: Tensor, opts: LossOptions, *,
-                        need_d_weight: bool = True, settings: Optional[Settings] = None):
-    """(d_hidden, d_weight | None, d_bias | None) for per-token upstream gradients of the loss and the lse."""
+                        need_d_weight: bool = True, grad_entropy: Optional[Tensor] = None,
+                        entropy: Optional[Tensor] = None, settings: Optional[Settings] = None):
+    """(d_hidden, d_weight | None, d_bias | None) for per-token upstream gradients of the loss, the lse and
+    (``grad_entropy``, with the forward's ``entropy``) the entropy."""
     s = settings if settings is not None else Settings.from_config()
 
     def on_torch():
         return torch_low_memory.backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts,
-                                         need_d_weight=need_d_weight)
+                                         need_d_weight=need_d_weight, grad_entropy=grad_entropy, entropy=entropy)
     if not uses_triton(hidden):
         return on_torch()
     return _triton_or_torch("low-memory path", lambda: _triton_low_memory_backward(
-        grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, need_d_weight, s), on_torch)
+        grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, need_d_weight, s, grad_entropy, entropy),
+        on_torch)
 
 
 def scale_in_place(d: Tensor, g: Tensor) -> Tensor:
@@ -141,9 +151,10 @@ def scale_in_place(d: Tensor, g: Tensor) -> Tensor:
     return torch_common.scale_in_place(d, g)
 
 
-def jvp(hidden, weight, bias, targets, lse, t_hidden, t_weight, t_bias, opts: LossOptions):
-    """Forward-mode tangents of (loss, lse): the PyTorch formula on every device."""
-    return torch_low_memory.jvp(hidden, weight, bias, targets, lse, t_hidden, t_weight, t_bias, opts)
+def jvp(hidden, weight, bias, targets, lse, t_hidden, t_weight, t_bias, opts: LossOptions, entropy=None):
+    """Forward-mode tangents of (loss, lse, entropy | None): the PyTorch formula on every device."""
+    return torch_low_memory.jvp(hidden, weight, bias, targets, lse, t_hidden, t_weight, t_bias, opts,
+                                entropy=entropy)
 
 
 def _low_memory_in_forward(hidden, weight, bias, targets, opts, reduction, need_d_hidden, need_d_weight,

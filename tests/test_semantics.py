@@ -424,7 +424,9 @@ def test_forward_ad_inside_the_compiled_function_is_left_alone(data):
 
 
 OP_OPTIONS = [dict(), dict(softcap=3.0, label_smoothing=0.1, logit_scale=0.7), dict(reduction="none"),
-              dict(reduction="sum", return_lse=True), dict(ignore_index=2, label_smoothing=0.2)]
+              dict(reduction="sum", return_lse=True), dict(ignore_index=2, label_smoothing=0.2),
+              dict(reduction="none", return_entropy=True, softcap=3.0, logit_scale=0.7),
+              dict(return_lse=True, return_entropy=True, label_smoothing=0.1)]
 
 
 def _op(**kw):

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
+from ..options import NO_IGNORE_INDEX
 from .dtypes import FLOAT_DTYPES, stat_dtype
 from .reduce import REDUCTIONS
 
@@ -88,8 +89,10 @@ def check_target_range(targets: Tensor, vocab: int, ignore_index: int) -> None:
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if bool(bad.any()):
         where = bad.nonzero()[0].tolist()
+        why = "(every row is read: no ignore_index)" if ignore_index == NO_IGNORE_INDEX else \
+            f"and is not ignore_index ({ignore_index})"
         raise ValueError(f"target {targets[tuple(where)].item()} at position {tuple(where)} is outside the "
-                         f"vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})")
+                         f"vocabulary [0, {vocab}) {why}")
 
 
 def is_dtensor(t) -> bool:

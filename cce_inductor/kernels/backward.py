@@ -2,7 +2,8 @@
 
 Per chunk [v0, v0 + w):
   1. ``_draw_kernel`` recomputes the chunk's logits tile by tile and writes d(loss)/d(raw logits)
-     ("draw", rounded to the input dtype like eager's grad_output) into the reusable buffer;
+     ("draw", rounded to the input dtype like eager's grad_output) into the reusable buffer (with an
+     entropy output: plus its term ``-g_H p (log p + H)``, ``log p = z - lse``);
   2. d_weight[v0:v0+w] = draw.T @ hidden by cuBLAS (fp32 accumulation, each element written once);
   3. ``accumulate_matmul`` (kernels/accumulate.py) adds draw @ weight[v0:v0+w] to the d_hidden accumulator;
   4. d_bias[v0:v0+w] = draw.sum(0) in fp32.
@@ -32,15 +33,16 @@ from .launch import check_kernel_inputs, dot_precision
     "HAS_BIAS": lambda a: a["b_ptr"] is not None,
     "HAS_SOFTCAP": lambda a: a["softcap"] is not None,
     "HAS_GLSE": lambda a: a["glse_ptr"] is not None,
+    "HAS_GENT": lambda a: a["gent_ptr"] is not None,
 })
 @triton.jit
 def _draw_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, gloss_ptr, glse_ptr, out_ptr,
+    h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, gloss_ptr, glse_ptr, gent_ptr, ent_ptr, out_ptr,
     N, D, V, v0, width,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_out,
     scale, softcap, ignore_index, one_minus_eps, eps_over_v,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GLSE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GLSE: tl.constexpr, HAS_GENT: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, VOCAB_FASTEST: tl.constexpr,
 ):
     """out[n, c] = draw[n, v0 + c] for c < width. w_ptr/b_ptr point at the chunk's first row."""
@@ -69,9 +71,14 @@ def _draw_kernel(
     coef = g
     if HAS_GLSE:
         coef += tl.load(glse_ptr + offs_n, mask=n_mask, other=0.0)
-    p = tl.exp(z - lse[:, None])
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
     is_tgt = (v0 + offs_c)[None, :].to(tl.int64) == tgt[:, None]
     dz = coef[:, None] * p - g[:, None] * (tl.where(is_tgt, one_minus_eps, 0.0) + eps_over_v)
+    if HAS_GENT:  # the entropy H = -Σ p log p: dH/dz = -p (log p + H)
+        g_ent = tl.load(gent_ptr + offs_n, mask=n_mask, other=0.0)
+        ent = tl.load(ent_ptr + offs_n, mask=n_mask, other=0.0)
+        dz -= g_ent[:, None] * p * (log_p + ent[:, None])
     if HAS_SOFTCAP:
         zs = z / softcap
         dz = dz * (scale * (1.0 - zs * zs))
@@ -92,16 +99,23 @@ def triton_backward(
     opts: LossOptions,
     config: Optional[KernelConfig] = None,
     need_d_weight: bool = True,
+    grad_entropy: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(d_hidden, d_weight, d_bias); see cce_inductor.kernels for the contract.
 
     ``need_d_weight=False`` (a frozen weight) skips the d_weight matmul and returns None for it.
+    ``grad_entropy`` (with the forward's ``entropy``): the upstream gradient of the entropy output.
     """
+    if grad_entropy is not None and entropy is None:
+        raise ValueError("the entropy's gradient needs the forward's entropy output (entropy=...)")
     with torch.no_grad():  # torch.mm(out=...) refuses inputs that require grad under grad mode
-        return _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, config, need_d_weight)
+        return _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, config, need_d_weight,
+                         grad_entropy, entropy)
 
 
-def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, config, need_d_weight):
+def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, config, need_d_weight,
+              grad_entropy, entropy):
     check_kernel_inputs(hidden, weight, bias, targets)
     N, D = hidden.shape
     V = weight.shape[0]
@@ -118,6 +132,11 @@ def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, con
     grad_loss = grad_loss.to(torch.float32).contiguous()
     if grad_lse is not None:
         grad_lse = grad_lse.to(torch.float32).contiguous()
+    if grad_entropy is not None:
+        grad_entropy = grad_entropy.to(torch.float32).contiguous()
+        entropy = entropy.to(torch.float32).contiguous()
+    else:
+        entropy = None
     if bias is not None:
         bias = bias.contiguous()
 
@@ -149,7 +168,8 @@ def _backward(grad_loss, grad_lse, hidden, weight, bias, targets, lse, opts, con
         grid = (cdiv(N, td.block_m), cdiv(w, td.block_n))
         _draw_kernel[grid[::-1] if cfg.draw_vocab_fastest else grid](
             h_ptr=hidden, w_ptr=w_chunk, b_ptr=bias[v0:v0 + w] if bias is not None else None, t_ptr=targets,
-            lse_ptr=lse, gloss_ptr=grad_loss, glse_ptr=grad_lse, out_ptr=buf,
+            lse_ptr=lse, gloss_ptr=grad_loss, glse_ptr=grad_lse, gent_ptr=grad_entropy, ent_ptr=entropy,
+            out_ptr=buf,
             N=N, D=D, V=V, v0=v0, width=w,
             stride_hn=hidden.stride(0), stride_hd=hidden.stride(1), stride_wv=weight.stride(0),
             stride_wd=weight.stride(1), stride_out=buf.stride(0),

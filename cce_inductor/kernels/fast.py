@@ -21,7 +21,8 @@ Per chunk of Nc tokens (``X_c = hidden[s:e]``):
 The count of non-ignored targets is computed on the device before the loop: no host synchronisation.
 
 The same row kernel without step 2's write (``coef_ptr=None``) is the chunked no-grad forward
-(``triton_chunked_forward``): cuBLAS logits per chunk, per-token loss and lse.
+(``triton_chunked_forward``): cuBLAS logits per chunk, per-token loss and lse and, on request, the entropy
+(one more running sum per lane in the same pass: ``Σ exp(z - m) (z - m)`` relative to the lane's max).
 """
 from __future__ import annotations
 
@@ -61,14 +62,15 @@ def _logit_epilogue(z, b_ptr, offs, mask, scale, softcap,
     "HAS_SMOOTHING": lambda a: a["eps"] > 0.0,
     "WRITE_GRAD": lambda a: a["coef_ptr"] is not None,
     "WRITE_LSE": lambda a: a["lse_ptr"] is not None,
+    "WRITE_ENTROPY": lambda a: a["ent_ptr"] is not None,
 })
 @triton.jit
 def _rows_kernel(
-    z_ptr, b_ptr, t_ptr, coef_ptr, loss_ptr, lse_ptr,
+    z_ptr, b_ptr, t_ptr, coef_ptr, loss_ptr, lse_ptr, ent_ptr,
     V, stride_z, scale, softcap, ignore_index, eps,
     BLOCK_V: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, WRITE_LSE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, WRITE_LSE: tl.constexpr, WRITE_ENTROPY: tl.constexpr,
 ):
     row = tl.program_id(0)
     zrow = z_ptr + row.to(tl.int64) * stride_z
@@ -77,6 +79,7 @@ def _rows_kernel(
     run_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_V], tl.float32)
     z_sum = tl.zeros([BLOCK_V], tl.float32)
+    ent_sum = tl.zeros([BLOCK_V], tl.float32)  # per lane: Σ exp(z - run_max) (z - run_max)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + lanes
         mask = offs < V
@@ -86,12 +89,25 @@ def _rows_kernel(
         new_max = tl.maximum(run_max, z)
         # A lane that has seen no column yet keeps max -inf and sum 0 (exp(-inf - -inf) would be NaN).
         alpha = tl.where(new_max == float("-inf"), 1.0, tl.exp(run_max - new_max))
-        run_sum = run_sum * alpha + tl.where(mask, tl.exp(z - new_max), 0.0)
+        if WRITE_ENTROPY:
+            moved = tl.where(run_max == float("-inf"), 0.0, run_max - new_max)  # no -inf * 0
+            shifted = tl.where(mask, z - new_max, 0.0)
+            p = tl.where(mask, tl.exp(shifted), 0.0)
+            ent_sum = alpha * (ent_sum + moved * run_sum) + p * shifted
+            run_sum = run_sum * alpha + p
+        else:
+            run_sum = run_sum * alpha + tl.where(mask, tl.exp(z - new_max), 0.0)
         run_max = new_max
         if HAS_SMOOTHING:
             z_sum += tl.where(mask, z, 0.0)
     row_max = tl.max(run_max, 0)
-    lse = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max), 0))
+    lane_scale = tl.exp(run_max - row_max)  # 0 for a lane that saw no column
+    total = tl.sum(run_sum * lane_scale, 0)
+    lse = row_max + tl.log(total)
+    if WRITE_ENTROPY:
+        lane_moved = tl.where(run_max == float("-inf"), 0.0, run_max - row_max)
+        s1 = tl.sum(lane_scale * (ent_sum + lane_moved * run_sum), 0)
+        tl.store(ent_ptr + row, tl.log(total) - s1 / total)
 
     ignored = t == ignore_index
     in_range = (t >= 0) & (t < V)
@@ -127,9 +143,9 @@ def _rows_kernel(
             tl.store(zrow + offs, to_rne(g, z_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows(z, bias_in_kernel, targets, coef, loss, lse, opts: LossOptions, cfg: KernelConfig):
+def _rows(z, bias_in_kernel, targets, coef, loss, lse, opts: LossOptions, cfg: KernelConfig, entropy=None):
     _rows_kernel[(z.shape[0],)](
-        z_ptr=z, b_ptr=bias_in_kernel, t_ptr=targets, coef_ptr=coef, loss_ptr=loss, lse_ptr=lse,
+        z_ptr=z, b_ptr=bias_in_kernel, t_ptr=targets, coef_ptr=coef, loss_ptr=loss, lse_ptr=lse, ent_ptr=entropy,
         V=z.shape[1], stride_z=z.stride(0), scale=float(opts.logit_scale),
         softcap=None if opts.softcap is None else float(opts.softcap),
         ignore_index=int(opts.ignore_index), eps=float(opts.label_smoothing),
@@ -233,9 +249,11 @@ def _fast_forward(hidden, weight, bias, targets, opts, reduction, tokens_per_chu
 
 def triton_chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            targets: torch.Tensor, opts: LossOptions, *, chunk_bytes: int = 512 << 20,
-                           tokens_per_chunk: Optional[int] = None, config: Optional[KernelConfig] = None):
-    """(loss [N] fp32, lse [N] fp32) like ``triton_forward``, computed as cuBLAS logits per token chunk
-    (``chunk_bytes`` of them, or ``tokens_per_chunk``) + the row kernel. For the forward without grad."""
+                           tokens_per_chunk: Optional[int] = None, config: Optional[KernelConfig] = None,
+                           with_entropy: bool = False):
+    """(loss [N] fp32, lse [N] fp32[, entropy [N] fp32]) like ``triton_forward``, computed as cuBLAS logits
+    per token chunk (``chunk_bytes`` of them, or ``tokens_per_chunk``) + the row kernel. For the forward
+    without grad."""
     with torch.no_grad():
         check_kernel_inputs(hidden, weight, bias, targets)
         N, D = hidden.shape
@@ -243,8 +261,10 @@ def triton_chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
         dev, dtype = hidden.device, hidden.dtype
         loss = torch.empty(N, device=dev, dtype=torch.float32)
         lse = torch.empty(N, device=dev, dtype=torch.float32)
+        entropy = torch.empty(N, device=dev, dtype=torch.float32) if with_entropy else None
+        outputs = (loss, lse) if entropy is None else (loss, lse, entropy)
         if N == 0:
-            return loss, lse
+            return outputs
         cfg = config if config is not None else pick_config(N, D, V, dtype, dev)
         targets = targets.contiguous()
         bias_mm, bias_row = _split_bias(bias, dtype)
@@ -256,5 +276,6 @@ def triton_chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
             e = min(N, s + nc)
             z = z_buf[:e - s]
             _logits_into(z, hidden[s:e], weight, bias_mm)
-            _rows(z, bias_row, targets[s:e], None, loss[s:e], lse[s:e], opts, cfg)
-        return loss, lse
+            _rows(z, bias_row, targets[s:e], None, loss[s:e], lse[s:e], opts, cfg,
+                  None if entropy is None else entropy[s:e])
+        return outputs

@@ -17,30 +17,34 @@ from .low_memory import input_grads, setup_context
 
 
 class TransformableLinearCrossEntropy(torch.autograd.Function):
-    """``apply(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale)`` ->
-    per-token (loss, lse), as ``torch.ops.cce.linear_cross_entropy_forward``."""
+    """``apply(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale, with_entropy)``
+    -> per-token (loss, lse, entropy), as ``torch.ops.cce.linear_cross_entropy_forward``."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale):
+    def forward(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale,
+                with_entropy=False):
         return torch.ops.cce.linear_cross_entropy_forward(hidden, weight, bias, targets, ignore_index,
-                                                          label_smoothing, softcap, logit_scale)
+                                                          label_smoothing, softcap, logit_scale,
+                                                          with_entropy=with_entropy)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:4], output[1])  # what the jvp formula reads: the same as the backward
+        ctx.save_for_forward(*inputs[:4], output[1], output[2])  # what the jvp formula reads: as the backward
         ctx.mark_non_differentiable()
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a second derivative raises a clear error, never zeros
-    def backward(ctx, grad_loss, grad_lse):
-        return input_grads(ctx, grad_loss, grad_lse) + (None,) * 5
+    def backward(ctx, grad_loss, grad_lse, grad_entropy):
+        return input_grads(ctx, grad_loss, grad_lse, grad_entropy) + (None,) * 6
 
     @staticmethod
     def jvp(ctx, t_hidden, t_weight, t_bias, *_):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         with autocast_off(hidden):
-            return select.jvp(hidden, weight, bias, targets, lse, t_hidden, t_weight, t_bias,
-                              LossOptions(*ctx.loss_args))
+            t_loss, t_lse, t_entropy = select.jvp(hidden, weight, bias, targets, lse, t_hidden, t_weight, t_bias,
+                                                  LossOptions(*ctx.loss_args),
+                                                  entropy=entropy if entropy.numel() == lse.numel() else None)
+        return t_loss, t_lse, (t_entropy if t_entropy is not None else torch.zeros_like(entropy))
