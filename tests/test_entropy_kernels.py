@@ -45,8 +45,15 @@ def check_forward_and_backward(h, w, b, t, opts, cfg, gen, grad_loss=True, grad_
 @pytest.mark.parametrize("dtype", dtype_params("fp32", "fp16", "bf16"))
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_forward_and_backward_with_entropy(dtype, case, poison):
-    has_bias, opts = CASES[case]
-    gen = torch.Generator().manual_seed(5 + list(CASES).index(case))
+    _fused_case(dtype, *CASES[case], seed=5 + list(CASES).index(case))
+
+
+def test_fused_forward_and_backward_with_entropy_ignore_index_and_scale(poison):
+    _fused_case(torch.float32, *OPTION_CASES["ii5-scale"], seed=4)
+
+
+def _fused_case(dtype, has_bias, opts, seed):
+    gen = torch.Generator().manual_seed(seed)
     N, D, V = 37, 40, 70  # nothing a multiple of the 16-wide blocks
     h, w, b, t = make_inputs(N, D, V, dtype, has_bias, gen)
     t[[3, 11]] = opts.ignore_index  # the entropy of an ignored row is still read (it has no target)

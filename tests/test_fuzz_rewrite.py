@@ -25,8 +25,9 @@ LAYOUTS = ["flat_view", "flatten", "shift_slice", "class_dim", "hidden_2d"]
 LOSSES = ["ce", "nll"]
 # Per-token reads (rewrite/reads.py) under a policy-gradient-like loss: log-probabilities (a gather of
 # log_softmax; TRL's gather minus a logsumexp per row; TRL's log_softmax row by row), entropy (softmax times
-# log_softmax; verl's logsumexp minus the mean logit), and a log-probability with an entropy bonus.
-READS = ["logp_gather", "logp_selective", "logp_rows", "entropy", "entropy_verl", "logp_entropy"]
+# log_softmax; verl's logsumexp minus the mean logit), a log-probability with an entropy bonus, and both from one
+# logsumexp.
+READS = ["logp_gather", "logp_selective", "logp_rows", "entropy", "entropy_verl", "logp_entropy", "logp_entropy_lse"]
 
 
 @st.composite
@@ -187,7 +188,11 @@ def _read_loss(kind, z, t, adv, reduction):
         if kind == "entropy_verl":
             return torch.logsumexp(z, -1) - (F.softmax(z, -1) * z).sum(-1)
         return -(F.softmax(z, -1) * F.log_softmax(z, -1)).sum(-1)
-    if kind.startswith("entropy"):
+    if kind == "logp_entropy_lse":  # one logsumexp for both
+        lse = torch.logsumexp(z, -1)
+        logp_ = torch.gather(z, -1, t[..., None]).squeeze(-1) - lse
+        per_token = -logp_ * adv - 0.01 * (lse - (F.softmax(z, -1) * z).sum(-1))
+    elif kind.startswith("entropy"):
         per_token = -entropy()
     elif kind == "logp_entropy":
         per_token = -logp() * adv - 0.01 * entropy()

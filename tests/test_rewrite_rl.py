@@ -360,3 +360,20 @@ def test_explain_names_the_reads(data):
     text = str(report)
     assert "log_prob" in text and "reads=log_prob+entropy" in text, text
     assert len(report.rewrites) == 1 and not report.misses
+
+
+def test_one_logsumexp_for_the_log_probs_and_the_entropy(data):
+    """``lse`` computed once and used by both the selective log-probability and verl's entropy: the op serves the
+    logsumexp too (it is inside the log-probability's spelling and used outside it)."""
+    h, w, b, y = data
+    adv, _, _ = _rl_tensors(y.shape)
+
+    def f(h, w, y):
+        z = h @ w.T
+        lse = torch.logsumexp(z, -1)
+        logp = torch.gather(z, -1, y[..., None]).squeeze(-1) - lse
+        ent = lse - (F.softmax(z, -1) * z).sum(-1)
+        return -(logp * adv).mean() - 0.01 * ent.mean()
+    r = check(f, (h, w, y), 1, return_results=True)[-1].rewrites[0]
+    assert r.options["reads"] == "log_prob+logsumexp+mean_logit" and not r.logits_kept, r
+    assert_one_op_and_no_logits(f, (h, w, y), y.numel())

@@ -59,8 +59,9 @@ def other_users(m: Match, served: list) -> list:
     chain = chain_nodes(m)
     inside = set(chain) | _served(served) | {m.loss}
     scan = chain + [x for sr in served for x in sr.read.inner] + [sr.feeder for sr in served if sr.feeder is not None]
+    replaced = {sr.node for sr in served}  # (what uses a served read's value reads the op's output)
     seen, out = set(), []
-    for n in scan:
+    for n in (n for n in scan if n not in replaced):
         for u in n.users:
             if u not in inside and u not in seen:
                 seen.add(u)

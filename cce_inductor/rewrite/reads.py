@@ -428,11 +428,21 @@ def as_read(node: Node) -> Optional[Read]:
 
 
 def find_reads(graph: Graph) -> list:
-    """The outermost reads of ``graph``, in graph order (a read inside another, e.g. the ``sum`` under a
-    negation or the logsumexp of a selective log-softmax, is part of the outer one)."""
+    """The reads of ``graph``, in graph order: the outermost ones (a read inside another, e.g. the ``sum`` under
+    a negation or the logsumexp of a selective log-softmax, is part of the outer one), and a read inside
+    another whose value is also used elsewhere (``lse = logsumexp(z)`` for a log-probability and an entropy
+    both): the op serves it as well."""
     reads = [r for n in graph.nodes if (r := _read(n)) is not None]
-    inside = {x for r in reads for x in r.inner}
-    return [r for r in reads if r.node not in inside]
+    parents: dict = {}
+    for r in reads:
+        for x in r.inner:
+            parents.setdefault(x, []).append(r)
+    out = []
+    for r in reads:
+        outer = [p for p in parents.get(r.node, ()) if p.node not in parents]  # the outermost reads around it
+        if not outer or any(u not in set(p.nodes) for p in outer for u in r.node.users):
+            out.append(r)
+    return out
 
 
 __all__ = ["Quantity", "Read", "as_read", "find_reads", "read_options"]
