@@ -60,6 +60,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
         if return_entropy:
             raise NotImplementedError("return_entropy=True is not supported with a vocabulary-sharded (DTensor) "
                                       "lm-head: the vocabulary-parallel op computes the loss and the lse only")
+        if targets is None:
+            raise ValueError("targets are required with a vocabulary-sharded (DTensor) lm-head")
         return dtensor_vocab_parallel_linear_cross_entropy(
             hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing, softcap=softcap, logit_scale=logit_scale, return_lse=return_lse)
@@ -97,10 +99,8 @@ def linear_log_probs(hidden: Tensor, weight: Tensor, targets: Optional[Tensor], 
         ignore_index = NO_IGNORE_INDEX
         if targets is not None and targets.dtype != torch.int64 and not is_dtensor(targets):
             targets = targets.long()  # (the sentinel is outside int32's range)
-    call_targets = targets
-    if targets is None:  # entropy / lse only: no row is read as a log-probability
-        call_targets = hidden.new_full(hidden.shape[:-1], ignore_index, dtype=torch.int64)
-    out = linear_cross_entropy(hidden, weight, call_targets, bias=bias, ignore_index=ignore_index, reduction="none",
+    # targets=None: entropy / lse only (dispatch counts every row as ignored)
+    out = linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction="none",
                                softcap=softcap, logit_scale=logit_scale, return_lse=return_lse,
                                return_entropy=return_entropy, path=path)
     outs = list(out) if isinstance(out, tuple) else [out]

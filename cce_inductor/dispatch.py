@@ -54,7 +54,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Optional[Tenso
     """:func:`cce_inductor.linear_cross_entropy` on plain tensors already in the dtypes to compute in
     (no autocast casts). ``path=None``: ``cce_inductor.config.path``. ``targets=None``: no labels (see the
     module docstring)."""
-    if targets is None:
+    no_targets = targets is None
+    if no_targets:
         targets = torch.full(hidden.shape[:-1], ignore_index, dtype=torch.int64, device=hidden.device)
     check_inputs(hidden, weight, targets, bias, reduction=reduction)
     opts = LossOptions(ignore_index, label_smoothing, softcap, logit_scale)  # validates the options
@@ -62,7 +63,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Optional[Tenso
     if targets.dtype not in (torch.int32, torch.int64) or (  # the kernels index with int32/int64 labels
             targets.dtype == torch.int32 and not -2**31 <= opts.ignore_index < 2**31):  # (NO_IGNORE_INDEX)
         targets = targets.long()
-    check_target_range(targets, weight.shape[0], ignore_index)
+    if not no_targets:
+        check_target_range(targets, weight.shape[0], ignore_index)
 
     lead_shape = hidden.shape[:-1]
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)

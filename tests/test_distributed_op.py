@@ -275,6 +275,20 @@ def _dtensor_worker(rank, world):
                                             bias=distribute_tensor(b32, mesh, (Shard(0),)))
     want = torch.nn.functional.cross_entropy(h16.detach().double() @ w16.detach().double().T + b32.double(), t16)
     _compare("bf16 + float32 bias", got.to_local(), want, 1e-5, failures)
+    # per-token log-probabilities of a sharded lm-head: the vocabulary-parallel op (its loss, negated); the entropy
+    # output is not computed there: a clear error
+    hidden, weight, _, targets = make_inputs((2, 3), 8, 29, torch.float64, seed=17, ignore_frac=0.0)
+    hd = distribute_tensor(hidden.detach(), mesh, (Replicate(),))
+    wd = distribute_tensor(weight.detach(), mesh, (Shard(0),))
+    logp = cce_inductor.linear_log_probs(hd, wd, targets)
+    want = -torch.nn.functional.cross_entropy((hidden @ weight.T).transpose(1, 2), targets, reduction="none")
+    _compare("DTensor log-probabilities", logp.to_local(), want, 1e-10, failures)
+    try:
+        cce_inductor.linear_log_probs(hd, wd, targets, return_entropy=True)
+        failures.append("return_entropy with a DTensor lm-head did not raise")
+    except NotImplementedError as e:
+        if "vocabulary-sharded" not in str(e):
+            failures.append(f"wrong error for return_entropy: {e}")
     return failures
 
 

@@ -45,8 +45,15 @@ def check_forward_and_backward(h, w, b, t, opts, cfg, gen, grad_loss=True, grad_
 @pytest.mark.parametrize("dtype", dtype_params("fp32", "fp16", "bf16"))
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_forward_and_backward_with_entropy(dtype, case, poison):
-    has_bias, opts = CASES[case]
-    gen = torch.Generator().manual_seed(5 + list(CASES).index(case))
+    _fused_case(dtype, *CASES[case], seed=5 + list(CASES).index(case))
+
+
+def test_fused_forward_and_backward_with_entropy_ignore_index_and_scale(poison):
+    _fused_case(torch.float32, *OPTION_CASES["ii5-scale"], seed=4)
+
+
+def _fused_case(dtype, has_bias, opts, seed):
+    gen = torch.Generator().manual_seed(seed)
     N, D, V = 37, 40, 70  # nothing a multiple of the 16-wide blocks
     h, w, b, t = make_inputs(N, D, V, dtype, has_bias, gen)
     t[[3, 11]] = opts.ignore_index  # the entropy of an ignored row is still read (it has no target)
@@ -84,9 +91,12 @@ def test_without_entropy_the_forward_returns_two_outputs(poison):
 CHUNKED_TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", list(OPTION_CASES))
-@pytest.mark.parametrize("V", [53, 11])  # 11 < the row block: lanes that never see a column
+@pytest.mark.parametrize("dtype,case,V", [
+    (torch.float32, "plain", 53), (torch.float32, "bias-smooth-softcap-scale", 53), (torch.float32, "ii5-scale", 53),
+    (torch.bfloat16, "bias-smooth-softcap-scale", 53),
+    (torch.float32, "bias-smooth-softcap-scale", 11),  # 11 < the row block: lanes that never see a column
+    pytest.param(torch.bfloat16, "plain", 11, marks=pytest.mark.slow),
+])
 def test_chunked_no_grad_forward_with_entropy(dtype, case, V, poison):
     has_bias, opts = OPTION_CASES[case]
     gen = torch.Generator().manual_seed(31 + list(OPTION_CASES).index(case))

@@ -114,6 +114,25 @@ def test_frozen_weight_with_entropy_skips_its_gradient():
     assert rel_err(dh, rdh) < 1e-5 and rel_err(db, rdb) < 1e-5
 
 
+def test_entropy_under_torch_func_grad_and_vmap():
+    """The autograd.Function form (torch.func transforms) carries the entropy output and its gradient too."""
+    h, w, b, y = make_inputs((3, 4), 8, 19, torch.float64, bias=True, ignore_frac=0.0, requires_grad=False)
+
+    def op(h, w, b):
+        logp, ent = cce_inductor.linear_log_probs(h, w, y, bias=b, return_entropy=True, softcap=2.0)
+        return (logp * 0.3 + ent).sum()
+
+    def ref(h, w, b):
+        logp, ent = eager_reference(h, w, y, bias=b, return_entropy=True, softcap=2.0)
+        return (logp * 0.3 + ent).sum()
+    for g, r in zip(torch.func.grad(op, argnums=(0, 1, 2))(h, w, b), torch.func.grad(ref, argnums=(0, 1, 2))(h, w, b)):
+        assert rel_err(g, r) < 1e-10
+    hs = torch.randn(2, *h.shape, dtype=h.dtype)
+    got = torch.func.vmap(lambda hh: cce_inductor.linear_log_probs(hh, w, None, bias=b, return_entropy=True))(hs)
+    want = torch.stack([eager_reference(hh, w, y, bias=b, return_entropy=True)[1] for hh in hs])
+    assert rel_err(got, want) < 1e-10
+
+
 # ---- linear_log_probs ---------------------------------------------------------------------------
 
 def test_log_probs_equal_the_gather_of_log_softmax_with_a_temperature():

@@ -100,3 +100,47 @@ def test_hf_trainer_tiny_install_leaves_the_loss_to_inductor(cache_dir):
     hf = _example("hf_trainer")
     out = hf.main(["--tiny", "--device", "cpu", "--cache-dir", cache_dir, "--how", "install"])
     assert out["rewrites"] == 0 and out["runs"]["install"]["cce_calls"] == 0
+
+
+def _check_grpo(out, variants):
+    by = {r["variant"]: r for r in out["results"]}
+    assert set(by) == set(variants)
+    cce = by["cce"]
+    assert not cce["misses"], cce["misses"]
+    # scoring (old policy, reference) and the loss: three graphs, one op call each, no logits kept
+    assert len(cce["rewrites"]) == 3 and not any(r.logits_kept for r in cce["rewrites"]), cce["rewrites"]
+    loss_rw = [r for r in cce["rewrites"] if "mean_logit" in r.options.get("reads", "")]
+    assert len(loss_rw) == 1 and loss_rw[0].options["reads"] == "log_prob+logsumexp+mean_logit", loss_rw
+    assert cce["cce_calls"] > 0 and all(by[v]["cce_calls"] == 0 for v in by if v != "cce")
+    for r in by.values():
+        assert len(r["losses"]) == out["preset"]["steps"] and all(math.isfinite(x) for x in r["losses"])
+        for a, b in zip(r["losses"], by["eager"]["losses"]):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    assert by["eager"]["losses"][-1] < by["eager"]["losses"][0]  # the objective goes down
+
+
+def test_grpo_step_tiny_aot_eager():
+    """The GRPO example at a tiny size: the policy's log-probabilities + entropy and both no-grad scorings are
+    rewritten (one op call each, logits never formed), and the losses equal eager's (the example asserts it
+    too). torch.compile without the rewrite: the slow twin below."""
+    out = _example("grpo_step").main(["--tiny", "--inner", "aot_eager", "--no-explain", "--variants", "eager,cce",
+                                      "--steps", "2"])
+    _check_grpo(out, ("eager", "cce"))
+
+
+@pytest.mark.slow
+def test_grpo_step_tiny_inductor_all_variants():
+    out = _example("grpo_step").main(["--tiny", "--steps", "2"])
+    _check_grpo(out, ("eager", "compile", "cce"))
+    assert out["report"] is not None and len(out["report"].rewrites) == 1
+
+
+@pytest.mark.slow
+def test_grpo_step_gpu_table_dry_run():
+    """The GPU table's code (``--device cuda``) on the CPU at a tiny size: every variant measured, the cce one
+    rewritten three times (the policy's loss, the old policy's and the reference's scoring)."""
+    rows = _example("grpo_step").main(["--dry-run"])
+    assert [r["tokens"] for r in rows] == [16, 32]
+    for r in rows:
+        assert r["cce"]["rewrites"] == 3 and r["eager"]["rewrites"] == r["compile"]["rewrites"] == 0
+        assert all(r[v]["step_ms"] > 0 and r[v]["score_ms"] > 0 for v in ("eager", "compile", "cce"))

@@ -1,10 +1,11 @@
 """Hypothesis fuzzing of the rewrite: random odd shapes × forms built from the orthogonal parts × options.
 
 Each example builds an eager loss function from independent choices (matmul spelling, epilogue,
-row layout, loss spelling, options, main graph or checkpointed region), compiles it with the cce
-backend, asserts exactly one rewrite — none, with the loss left to Inductor, where the logits are needed
-anyway (returned, or a z-loss over other rows than the loss's) — and compares the loss and every gradient
-with eager (float64).
+row layout, loss spelling — a cross-entropy, or the per-token reads of RL: log-probabilities, entropy, both —
+options, main graph or checkpointed region), compiles it with the cce backend, asserts exactly one rewrite —
+none, with the loss left to Inductor, where the logits are needed anyway (returned, or a z-loss over other
+rows than the loss's), and none unreported where a read's matmul is no wider than its input (not an
+lm-head) — and compares the loss and every gradient with eager (float64).
 """
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ from helpers import check, fuzz_examples
 MATMULS = ["linear", "linear_bias", "at_T", "matmul_t", "einsum", "plus_bias", "addmm2d", "mm2d", "lora"]
 LAYOUTS = ["flat_view", "flatten", "shift_slice", "class_dim", "hidden_2d"]
 LOSSES = ["ce", "nll"]
+# Per-token reads (rewrite/reads.py) under a policy-gradient-like loss: log-probabilities (a gather of
+# log_softmax; TRL's gather minus a logsumexp per row; TRL's log_softmax row by row), entropy (softmax times
+# log_softmax; verl's logsumexp minus the mean logit), a log-probability with an entropy bonus, and both from one
+# logsumexp.
+READS = ["logp_gather", "logp_selective", "logp_rows", "entropy", "entropy_verl", "logp_entropy", "logp_entropy_lse"]
 
 
 @st.composite
@@ -30,7 +36,7 @@ def forms(draw):
         B=draw(st.integers(1, 3)), T=draw(st.sampled_from([2, 3, 5, 7])), D=draw(st.sampled_from([1, 3, 5, 9])),
         V=draw(st.sampled_from([2, 5, 13, 17])),
         matmul=draw(st.sampled_from(MATMULS)), layout=draw(st.sampled_from(LAYOUTS)),
-        loss=draw(st.sampled_from(LOSSES)),
+        loss=draw(st.sampled_from(LOSSES + READS)),
         scales=draw(st.lists(st.sampled_from([0.5, 2.0, -1.5, "div3"]), max_size=2)),
         softcap=draw(st.sampled_from([None, None, 1.5, 4.0])),
         cast=draw(st.sampled_from([None, "float", "double"])),
@@ -47,6 +53,10 @@ def forms(draw):
         f["layout"] = "hidden_2d"
     if f["loss"] == "nll":
         f["label_smoothing"] = 0.0
+    if f["loss"] in READS:  # a read has no class-dim layout, no smoothing, and reads every id
+        f["label_smoothing"] = 0.0
+        if f["layout"] == "class_dim":
+            f["layout"] = "flat_view"
     return f
 
 
@@ -59,7 +69,8 @@ def build(f):
     w = (torch.randn(V, D, generator=g, dtype=dt) / max(D, 1) ** 0.5).requires_grad_()
     b = (torch.randn(V, generator=g, dtype=dt) * 0.1).requires_grad_()
     y = torch.randint(0, V, (f["B"], f["T"]), generator=g)
-    y[torch.rand(f["B"], f["T"], generator=g) < 0.25] = f["ignore_index"]
+    if f["loss"] not in READS:  # (a gather reads every id)
+        y[torch.rand(f["B"], f["T"], generator=g) < 0.25] = f["ignore_index"]
 
     def matmul(h, w, b):
         m = f["matmul"]
@@ -112,7 +123,10 @@ def build(f):
         else:  # hidden_2d: z is already [N, V]
             x, t = z, y.reshape(-1)
         kw = dict(ignore_index=f["ignore_index"], reduction=f["reduction"])
-        if f["loss"] == "ce":
+        if f["loss"] in READS:
+            adv = torch.cos(1.3 * t.to(x.dtype) + 0.5)  # per-token advantages of the ids' shape
+            loss = _read_loss(f["loss"], x, t, adv, f["reduction"])
+        elif f["loss"] == "ce":
             loss = F.cross_entropy(x, t, label_smoothing=f["label_smoothing"], **kw)
         else:
             cls_dim = 1
@@ -159,20 +173,61 @@ def test_fuzz_aot_eager(f):
     _check_form(f, "aot_eager")
 
 
+def _read_loss(kind, z, t, adv, reduction):
+    """A policy-gradient-like loss of per-token reads of the logits z ([..., V]) with ids t ([...])."""
+    import torch.nn.functional as F
+
+    def logp():
+        if kind == "logp_selective":
+            return torch.gather(z, -1, t[..., None]).squeeze(-1) - torch.logsumexp(z, -1)
+        if kind == "logp_rows":
+            return torch.stack([F.log_softmax(row, -1).gather(-1, ids[..., None]) for row, ids in zip(z, t)]).squeeze(-1)
+        return torch.gather(F.log_softmax(z, -1), -1, t.unsqueeze(-1)).squeeze(-1)
+
+    def entropy():
+        if kind == "entropy_verl":
+            return torch.logsumexp(z, -1) - (F.softmax(z, -1) * z).sum(-1)
+        return -(F.softmax(z, -1) * F.log_softmax(z, -1)).sum(-1)
+    if kind == "logp_entropy_lse":  # one logsumexp for both
+        lse = torch.logsumexp(z, -1)
+        logp_ = torch.gather(z, -1, t[..., None]).squeeze(-1) - lse
+        per_token = -logp_ * adv - 0.01 * (lse - (F.softmax(z, -1) * z).sum(-1))
+    elif kind.startswith("entropy"):
+        per_token = -entropy()
+    elif kind == "logp_entropy":
+        per_token = -logp() * adv - 0.01 * entropy()
+    else:
+        per_token = -logp() * adv
+    if reduction == "mean":
+        return per_token.mean()
+    if reduction == "sum":
+        return per_token.sum()
+    return per_token.sum() / 7
+
+
 def logits_needed(f) -> bool:
     """The logits are needed besides the loss: returned, or read by a z-loss over all rows while the loss
     reads the shifted ones (the op's lse covers only the loss's rows)."""
     return f["return_logits"] or (f["z_loss"] and f["layout"] == "shift_slice")
 
 
+def not_an_lm_head(f) -> bool:
+    """A read (without a loss) of a matmul no wider than its input: not rewritten, not reported."""
+    d = f["D"] + (1 if f["matmul"] == "lora" else 0)  # (the adapter's rank adds to the op's inner dim)
+    return f["loss"] in READS and f["V"] <= d
+
+
 def _check_form(f, inner):
     fn, args = build(f)
     tol = 5e-2 if f["autocast"] else 1e-5  # bf16 logits in eager vs fp32 accumulation in the op
-    expect = 0 if logits_needed(f) else 1
+    expect = 0 if logits_needed(f) or not_an_lm_head(f) else 1
     results = check(fn, args, expect, inner=inner, rtol=tol, atol=tol, return_results=True)
     if not expect:
         misses = [m for r in results for m in r.misses]
-        assert misses and all(m.category == "logits_kept" for m in misses), misses
+        if not_an_lm_head(f):
+            assert not any(m.category != "logits_kept" for m in misses), misses
+        else:
+            assert misses and all(m.category == "logits_kept" for m in misses), misses
 
 
 @settings(max_examples=fuzz_examples(0.075))  # ~5 s each on a CPU

@@ -54,3 +54,33 @@ def test_cuda_install_inductor(mode):
     for g, r in zip(got_g, want_g):
         err = (g.double() - r).norm() / r.norm()
         assert err < tol, err
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grpo_loss", "no_grad_scoring"])
+def test_cuda_rl_reads_through_inductor(grad):
+    """A GRPO-style loss (log-probabilities as TRL writes them, verl's entropy, a temperature) and the no-grad
+    scoring of the same logits, bf16 on CUDA through Inductor: one rewrite, values and gradients vs float64."""
+    h, w, y = _data(torch.bfloat16)
+    y = y.clamp_min(0)
+    adv = torch.randn(y.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+
+    def fn(h, w, y):
+        with torch.set_grad_enabled(grad):
+            z = F.linear(h, w)
+            z = (z if z.dtype == torch.float64 else z.float()) / 0.8
+            logp = torch.gather(z, -1, y[..., None]).squeeze(-1) - torch.stack([torch.logsumexp(r, -1) for r in z])
+            ent = torch.logsumexp(z, -1) - torch.sum(F.softmax(z, -1) * z, dim=-1)
+            return -(torch.exp(logp - logp.detach()) * adv).mean() - 0.01 * ent.mean()
+    with counting_installed_pass() as seen:
+        compiled = torch.compile(fn, fullgraph=True)
+        got = compiled(h, w, y)
+        got_g = torch.autograd.grad(got, [h, w]) if grad else None
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = fn(h64, w64, y)
+    assert seen.rewrites == 1, seen
+    torch.testing.assert_close(got.double(), want.double(), rtol=2e-2, atol=2e-2)
+    if grad:
+        for g, r in zip(got_g, torch.autograd.grad(want, [h64, w64])):
+            assert (g.double() - r).norm() / r.norm() < 2e-2
+    else:
+        assert not got.requires_grad

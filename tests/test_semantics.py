@@ -548,9 +548,9 @@ def test_a_step_under_no_grad_is_left_alone(data):
     assert not compiled(h, w, y).requires_grad
 
 
-def test_a_z_loss_metric_under_no_grad_is_left_alone(data):
-    """A logsumexp the op would serve, computed under no_grad (a logged metric): its term carries no gradient
-    in eager; served from the op's lse it would."""
+def test_a_z_loss_metric_under_no_grad_before_the_loss_is_left_alone(data):
+    """A logsumexp the op would serve, computed under no_grad (a logged metric) before the loss: what uses it
+    would move after the op, out of its no_grad block (then it would carry a gradient)."""
     h, w, b, y = data
 
     def f(h, w, y):
@@ -558,8 +558,30 @@ def test_a_z_loss_metric_under_no_grad_is_left_alone(data):
         with torch.no_grad():
             zl = torch.logsumexp(z, -1).square().mean()
         return _ce(z, y) + 0.1 * zl
-    assert_left_alone(f, (h.detach(), w.detach(), y), "run under different grad modes")
+    assert_left_alone(f, (h.detach(), w.detach(), y), "under another grad mode or autocast region")
     check_grads_equal_eager(f, (h, w, y))
+
+
+@pytest.mark.parametrize("read", ["logsumexp", "entropy"])
+def test_a_metric_under_no_grad_after_the_loss_is_served_detached(data, read):
+    """The same metric after the loss: the op (with grad) serves it, detached, so its term carries no gradient
+    as in eager; values and gradients equal eager's."""
+    h, w, b, y = data
+
+    def f(h, w, y):
+        z = h @ w.T
+        loss = _ce(z, y)
+        with torch.no_grad():
+            if read == "logsumexp":
+                metric = torch.logsumexp(z, -1).square().mean()
+            else:
+                metric = -(F.softmax(z, -1) * F.log_softmax(z, -1)).sum(-1).mean()
+        return loss + 0.1 * metric, metric
+    r = check(f, (h, w, y), 1, return_results=True)[0].rewrites[0]
+    assert not r.logits_kept and any("detached: read under no_grad" in n for n in r.notes), r.notes
+    compiled, _ = compile_counting(f)
+    assert not compiled(h, w, y)[1].requires_grad
+    check_grads_equal_eager(lambda h, w, y: f(h, w, y)[0], (h, w, y))
 
 
 def check_grads_equal_eager(f, args):

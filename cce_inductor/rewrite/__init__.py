@@ -30,12 +30,18 @@ of ``V``; the linear is row-wise so rows map to rows) and replaces the loss node
                                   label_smoothing=..., softcap=s, logit_scale=a, path=...)
 
 (the public ``linear_cross_entropy`` without its autocast casts: the plan chose the dtypes).
-A ``torch.logsumexp(z, -1)`` of the same logits (a z-loss) is served by the op's lse output. Nodes
-that become dead are erased. Logits that anything else needs (returned from the graph, a metric, a second
-loss) would be formed anyway and the op would compute them again: such a loss is left to Inductor, and
-the report names the other users. A LoRA adapter on the lm-head (``h @ W.T + s·(u @ B.T)``) is one matmul
-over concatenated operands. Lm-head logits read over the vocabulary by something other than a loss
-(RL log-probabilities, entropy) are reported as not served, so ``explain`` is never silent about them.
+Besides losses, the pass starts from what a program reads from the logits per row (``reads``): per-token
+log-probabilities (``gather(log_softmax(z), -1, t[..., None])``, TRL's / verl's gather minus logsumexp, their
+row-by-row loops), the entropy (``-(softmax(z) * log_softmax(z)).sum(-1)``, verl's ``logsumexp(z) -
+(softmax(z) * z).sum(-1)``) and ``torch.logsumexp(z, -1)``: the walk goes up from the read the same way,
+and the op stands where the read stands (``reduction="none"``; a log-probability is minus its per-token
+loss). Every other read of the same logits rows — a z-loss's logsumexp next to a loss, an entropy next to
+log-probabilities — is served by the same op call's lse and entropy outputs (``served``). Nodes that become
+dead are erased. Logits that anything else needs (returned from the graph, a metric, a second loss) would
+be formed anyway and the op would compute them again: such a loss is left to Inductor, and the report names
+the other users. A LoRA adapter on the lm-head (``h @ W.T + s·(u @ B.T)``) is one matmul over concatenated
+operands. Lm-head logits read over the vocabulary in ways none of this serves (a KL term, a lone softmax,
+other spellings) are reported as not served, so ``explain`` is never silent about them.
 
 The package, one job per module:
 
@@ -44,26 +50,28 @@ The package, one job per module:
 ``steps``           the typed step kinds and the order table the op's formula allows
 ``spellings``       the matched eager spellings: the logits matmul and one recognizer per step kind
 ``low_rank``        a sum of matmuls (a LoRA adapter on the lm-head) as one matmul
-``match``           the walk from a loss node up to the matmul
+``reads``           the per-row reads served besides losses: log-probabilities, entropy, logsumexp
+``match``           the walk from a loss node (or a read) up to the matmul
 ``regions``         the grad modes, autocast regions and torch.func transforms nodes run under
 ``mutation``        which tensors a node writes (from op schemas) and which nodes share memory
-``zloss``           ``torch.logsumexp`` (z-loss) terms served by the op's lse output
+``served``          the other reads of the same logits served by the op's lse / entropy outputs
 ``dtensor_hook``    a vocabulary-sharded DTensor lm-head: the vocabulary-parallel call instead
 ``plan``            every decision and every check that can refuse, before the graph is touched
 ``kept_logits``     logits needed anyway (returned, other users): the loss is left to Inductor
 ``emit``            carrying out a plan as one transaction (undone on failure)
 ``records``         what the pass reports: ``Rewrite``, ``MissRecord``, ``PassResult`` (and ``Miss``, raised)
 ``graph_pass``      the driver: :func:`rewrite_graph`
-``unserved``        vocabulary-wide reads of lm-head logits that are not a loss, for the report
+``unserved``        vocabulary-wide reads of lm-head logits none of this serves, for the report
 ==================  ========================================================================
 """
 from __future__ import annotations
 
 from .graph_pass import rewrite_graph
-from .match import Match, Miss, match_loss
+from .match import Match, Miss, match_loss, match_read
 from .plan import Plan, plan_rewrite
+from .reads import Quantity, Read, find_reads
 from .records import MissRecord, PassResult, Rewrite
 from .spellings import is_loss_node, match_matmul
 
-__all__ = ["rewrite_graph", "PassResult", "Rewrite", "MissRecord", "Match", "Miss", "match_loss", "Plan",
-           "plan_rewrite", "match_matmul", "is_loss_node"]
+__all__ = ["rewrite_graph", "PassResult", "Rewrite", "MissRecord", "Match", "Miss", "match_loss", "match_read",
+           "Plan", "plan_rewrite", "match_matmul", "is_loss_node", "Quantity", "Read", "find_reads"]

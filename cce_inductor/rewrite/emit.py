@@ -1,5 +1,6 @@
-"""Emitting a :class:`~.plan.Plan`: the op call, the layout replayed on hidden, the z-loss terms; then the
-switch of the loss's users to the op's output and the erasure of what became dead.
+"""Emitting a :class:`~.plan.Plan`: the op call, the layout replayed on hidden, the reads served from its outputs
+(a log-probability is minus the per-token loss; entropy, lse, ``Σ p z = lse - entropy``); then the switch of
+the loss's (or read's) users to the op's output and the erasure of what became dead.
 
 Emission is a transaction. Every new node is inserted before the loss and evaluated on the fake values
 Dynamo recorded (so the op's own input checks run now, not later when the graph is traced); only when
@@ -21,6 +22,7 @@ from .fx_util import _call, _dtype, _shape, _val, location
 from .match import Miss
 from .mutation import PURE_CALLABLES
 from .plan import Plan
+from .reads import Quantity, Read
 from .records import Rewrite
 from .spellings import _FLATTEN_FNS, _RESHAPE_FNS, _transposed_2d
 from .steps import Step, StepKind
@@ -118,11 +120,11 @@ def emit_plan(graph: Graph, plan: Plan) -> Rewrite:
     """Carry out a plan. Raises Miss (graph untouched) if any emitted node fails on the fake values."""
     emit = _Emitter(graph, plan.match.loss)
     try:
-        out, lse_replacements = _emit_nodes(emit, plan)
+        out, replacements = _emit_nodes(emit, plan)
     except Exception as e:
         emit.undo()
         raise Miss(f"the replacement does not trace here ({type(e).__name__}: {e})") from e
-    return _switch_and_clean(graph, plan, out, lse_replacements)
+    return _switch_and_clean(graph, plan, out, replacements)
 
 
 def _emit_nodes(emit: _Emitter, plan: Plan) -> tuple[Node, list]:
@@ -145,33 +147,59 @@ def _emit_nodes(emit: _Emitter, plan: Plan) -> tuple[Node, list]:
     o = plan.options
     kwargs = dict(bias=b, ignore_index=o.ignore_index, reduction=m.reduction, label_smoothing=o.label_smoothing,
                   softcap=o.softcap, logit_scale=o.logit_scale, path=plan.path)
-    if plan.lse_users:
+    if plan.needs_lse:
         kwargs["return_lse"] = True
+    if plan.needs_entropy:
+        kwargs["return_entropy"] = True
     target = op_target()
     if m.parallel is not None:  # a vocabulary-sharded DTensor lm-head (rewrite/dtensor_hook.py)
         kwargs.pop("path")
         kwargs.update(m.parallel.kwargs)
         target = m.parallel.target
         PURE_CALLABLES.add(target)  # it writes none of its inputs
-    call = emit("call_function", target, (h, w, m.target), kwargs)
-    if plan.lse_users:
-        out = emit("call_function", operator.getitem, (call, 0))
-        lse = emit("call_function", operator.getitem, (call, 1))
-    else:
-        out, lse = call, None
-    out = emit.cast(out, _dtype(m.loss))
+    ids = m.target
+    if m.read is not None and m.read.ids_unit:  # a log-probability's ids given as gather's index [..., 1]
+        ids = emit("call_method", "squeeze", (ids, -1))
+    call = emit("call_function", target, (h, w, ids), kwargs)
+    outputs = {"loss": call}
+    if plan.needs_lse or plan.needs_entropy:
+        names = ["loss"] + (["lse"] if plan.needs_lse else []) + (["entropy"] if plan.needs_entropy else [])
+        outputs = {name: emit("call_function", operator.getitem, (call, k)) for k, name in enumerate(names)}
+    if m.read is None:
+        out = emit.cast(outputs["loss"], _dtype(m.loss))
+    else:  # the op's per-token outputs are at the read's rows already
+        out = _serve(emit, m.read, outputs, None)
     replacements = []
-    for u, i, keepdim, extra_step in plan.lse_users:
-        hx = h_at[i]
-        if extra_step is not None:
-            hx = _replay_layout(emit, hx, extra_step,
+    for sr in plan.served:
+        hx = h_at[sr.position]
+        if sr.extra_step is not None:
+            hx = _replay_layout(emit, hx, sr.extra_step,
                                 d_arg if d_arg is not None else emit("call_method", "size", (hx, -1)))
         lead = emit("call_function", operator.getitem, (emit("call_method", "size", (hx,)), slice(None, -1)))
-        r = emit("call_method", "reshape", (lse, lead))
-        if keepdim:
-            r = emit("call_method", "unsqueeze", (r, -1))
-        replacements.append((u, i, emit.cast(r, _dtype(u))))
+        replacements.append((sr, _serve(emit, sr.read, outputs, lead, detach=sr.detach)))
     return out, replacements
+
+
+def _serve(emit: _Emitter, read: Read, outputs: dict, lead: Optional[Node], detach: bool = False) -> Node:
+    """The value of ``read`` from the op's outputs (reshaped to ``lead`` rows when given)."""
+    def rows(x):
+        return x if lead is None else emit("call_method", "reshape", (x, lead))
+    q, sign = read.quantity, read.sign
+    if q is Quantity.LOG_PROB:  # log p[t] = -loss
+        v, sign = rows(outputs["loss"]), -sign
+    elif q is Quantity.ENTROPY:
+        v = rows(outputs["entropy"])
+    elif q is Quantity.LSE:
+        v = rows(outputs["lse"])
+    else:  # Σ p z = lse - H
+        v = emit("call_function", operator.sub, (rows(outputs["lse"]), rows(outputs["entropy"])))
+    if sign < 0:
+        v = emit("call_function", operator.neg, (v,))
+    if read.keepdim:
+        v = emit("call_method", "unsqueeze", (v, -1))
+    if detach:
+        v = emit("call_method", "detach", (v,))
+    return emit.cast(v, _dtype(read.node))
 
 
 def _concat_low_rank(emit: _Emitter, h: Node, w: Node, terms: tuple, compute: torch.dtype) -> tuple[Node, Node]:
@@ -183,27 +211,26 @@ def _concat_low_rank(emit: _Emitter, h: Node, w: Node, terms: tuple, compute: to
     return emit("call_function", torch.cat, (hs, -1)), emit("call_function", torch.cat, (ws, 1))
 
 
-def _switch_and_clean(graph: Graph, plan: Plan, out: Node, lse_replacements: list) -> Rewrite:
-    """Point the loss's (and served logsumexps') users at the op, then erase what became dead."""
+def _switch_and_clean(graph: Graph, plan: Plan, out: Node, replacements: list) -> Rewrite:
+    """Point the loss's (and served reads') users at the op, then erase what became dead."""
     from torch._inductor.pattern_matcher import stable_topological_sort
 
     m, mm = plan.match, plan.match.mm
-    order = m.order
-    for u, i, r in lse_replacements:
-        u.replace_all_uses_with(r)
-        src = u.args[0] if u.args else None
-        graph.erase_node(u)
-        if isinstance(src, Node) and src is not (mm.node if i == -1 else order[i].node) and not src.users:
-            graph.erase_node(src)  # the separate z.float() / z.view(-1, V) feeding the logsumexp
+    for sr, r in replacements:
+        sr.node.replace_all_uses_with(r)
+        graph.erase_node(sr.node)
     m.loss.replace_all_uses_with(out)
     graph.erase_node(m.loss)
-    if lse_replacements:
-        stable_topological_sort(graph)  # a logsumexp before the loss had users earlier than the op call
+    if replacements:
+        stable_topological_sort(graph)  # a read before the loss had users earlier than the op call
 
+    reads = ([m.read] if m.read is not None else []) + [sr.read for sr in plan.served]
     dead_candidates = [x for st in m.steps for x in (st.node, *st.extra)] + list(mm.nodes)
     dead_candidates += [w for w in [mm.weight_t] + [t.weight_t for t in mm.terms] if w is not None]
     dead_candidates += [n for x in mm.nodes for n in x.args if isinstance(n, Node) and _transposed_2d(n) is not None]
-    erased: set = set()
+    dead_candidates += [x for r in reads for x in (*r.inner, *r.aux)]
+    dead_candidates += [sr.feeder for sr in plan.served if sr.feeder is not None]
+    erased: set = {m.loss, *(sr.node for sr in plan.served)}
     changed = True
     while changed:
         changed = False
@@ -218,7 +245,8 @@ def _switch_and_clean(graph: Graph, plan: Plan, out: Node, lse_replacements: lis
 def _record(plan: Plan, erased: set) -> Rewrite:
     m, mm = plan.match, plan.match.mm
     logits_kept = mm.node not in erased
-    t_shape = _shape(m.target) or ()
+    # the rows: the loss's targets, or the read's
+    t_shape = (_shape(m.target) if m.read is None else tuple(_shape(m.read.src)[:-1])) or ()
     n_tok: Optional[int] = 1
     for s in t_shape:
         hint = _hint(s)
@@ -229,7 +257,9 @@ def _record(plan: Plan, erased: set) -> Rewrite:
         per_row = 4 + (4 if has_upcast else 0) + (0 if logits_kept else _dtype_bytes(plan.compute_dtype))
         saved = n_tok * (_hint(m.V) or 0) * per_row
     o = plan.options
-    opts = {"reduction": m.reduction, "ignore_index": o.ignore_index}
+    opts = {"reduction": m.reduction, "ignore_index": o.ignore_index} if m.read is None else {}
+    if m.read is not None or plan.served:
+        opts["reads"] = "+".join(dict.fromkeys(q.value for q in plan.quantities))
     if o.label_smoothing:
         opts["label_smoothing"] = o.label_smoothing
     if o.softcap is not None:
@@ -245,15 +275,22 @@ def _record(plan: Plan, erased: set) -> Rewrite:
                           if u not in live})
         notes.append("logits kept (the original matmul stays for their other users: "
                      f"{', '.join(outside)}); the fp32 upcast and log-softmax copies are still avoided")
-    if plan.lse_users:
-        notes.append(f"{len(plan.lse_users)} logsumexp (z-loss) served by the op's lse")
+    if m.read is not None:
+        notes.append(f"reads {m.read.describe()}")
+    n_lse = sum(sr.read.quantity is Quantity.LSE for sr in plan.served)
+    if n_lse:
+        notes.append(f"{n_lse} logsumexp (a z-loss, an entropy's lse) served by the op's lse")
+    others = [sr for sr in plan.served if sr.read.quantity is not Quantity.LSE or sr.detach]
+    if others:
+        notes.append("also served by the op's outputs: " + "; ".join(
+            f"{sr.read.describe()}{' (detached: read under no_grad)' if sr.detach else ''}" for sr in others))
     if m.parallel is not None:
         notes.append(m.parallel.note)
     n_sym = "x".join(str(s) for s in t_shape) or "1"
     path, reason = (plan.expected_path, plan.path_reason) if m.parallel is None else ("vocab_parallel", "")
     return Rewrite(location(m.loss), m.kind, mm.spelling, n_sym if n_tok is None else n_tok, _size_str(m.D),
                    _size_str(m.V), str(plan.compute_dtype).replace("torch.", ""), opts, saved, logits_kept,
-                   len(plan.lse_users), notes, path, reason)
+                   n_lse, notes, path, reason)
 
 
 def _size_str(x: Any) -> Any:

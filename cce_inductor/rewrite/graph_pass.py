@@ -1,4 +1,5 @@
-"""The pass driver: :func:`rewrite_graph` matches and rewrites every loss of a Dynamo FX graph."""
+"""The pass driver: :func:`rewrite_graph` matches and rewrites every loss of a Dynamo FX graph, and every per-row
+read of lm-head logits (a log-probability, an entropy, a logsumexp: :mod:`.reads`) that no loss serves."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,17 +10,20 @@ from torch.fx import GraphModule, Node
 from ..logging_ import log
 from .emit import emit_plan
 from .fx_util import _call, _val, location
-from .match import Miss, match_loss
+from .fx_util import _last_dim
+from .match import Miss, match_loss, match_read
 from .plan import plan_rewrite
+from .reads import Quantity, find_reads
 from .records import MissRecord, PassResult
 from .regions import Regions
 from .spellings import _CE_FNS, is_loss_node, match_matmul
 from .unserved import find_unserved
 
 
-def _fed_by_matmul(node: Node, depth: int = 24) -> bool:
-    """Is a matmul spelling among the first ancestors of the loss input (for reporting misses)?"""
-    frontier = [node.args[0]] if node.args else []
+def _fed_by_matmul(x: Node, depth: int = 24) -> bool:
+    """Is a matmul spelling among the first ancestors of ``x``, a loss's input or a read's logits (for
+    reporting misses)?"""
+    frontier = [x]
     seen = set()
     while frontier and depth > 0:
         depth -= 1
@@ -35,11 +39,34 @@ def _fed_by_matmul(node: Node, depth: int = 24) -> bool:
     return False
 
 
-def _logits_are_graph_input(node: Node, depth: int = 16) -> bool:
-    """Do the loss's logits come straight from a graph input, through ops with one tensor input each
-    (view, float, slice, scale, ...)? Then the matmul, if any, ran in another graph: a graph break
-    between the lm-head and the loss, or logits computed outside torch.compile."""
-    cur = node.args[0] if node.args else None
+def _fed_by_lm_head(x: Node, depth: int = 24) -> bool:
+    """Are the logits ``x`` a read reads the output of an lm-head-shaped matmul (wider than its input, with
+    ``x``'s last dim) among its first ancestors? A read of anything else (attention scores, a router) is not
+    this pass's business, and is not reported."""
+    v = _last_dim(x)
+    frontier, seen = [x], set()
+    while frontier and depth > 0:
+        depth -= 1
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, Node) or n in seen:
+                continue
+            seen.add(n)
+            mm = match_matmul(n)
+            if mm is not None:
+                out, d = _last_dim(n), _last_dim(mm.hidden)
+                if isinstance(out, int) and isinstance(d, int) and out > d and out == v:
+                    return True
+            nxt.extend(a for a in n.all_input_nodes if isinstance(_val(a), torch.Tensor))
+        frontier = nxt
+    return False
+
+
+def _logits_are_graph_input(x: Node, depth: int = 16) -> bool:
+    """Do the logits ``x`` (a loss's input, a read's logits) come straight from a graph input, through ops with
+    one tensor input each (view, float, slice, scale, ...)? Then the matmul, if any, ran in another graph: a
+    graph break between the lm-head and the loss, or logits computed outside torch.compile."""
+    cur = x
     while isinstance(cur, Node) and depth > 0:
         if cur.op == "placeholder":
             return isinstance(_val(cur), torch.Tensor)
@@ -98,19 +125,20 @@ def _record_miss(result: PassResult, where: str, kind: str, reason: str, categor
 
 def _report_losses_left_in(body: GraphModule, hop: str, result: PassResult) -> None:
     for node in body.graph.nodes:
-        if is_loss_node(node) and _fed_by_matmul(node):
+        if is_loss_node(node) and node.args and _fed_by_matmul(node.args[0]):
             _record_miss(result, location(node), _loss_kind(node),
                          f"inside the body of torch.ops.higher_order.{hop}, which the pass does not rewrite")
     for inner_hop, inner in _subgraph_bodies(body.graph):
         _report_losses_left_in(inner, inner_hop, result)
 
 
-def _report_unserved(graph: torch.fx.Graph, result: PassResult, top_level: bool, handled: set) -> None:
+def _report_unserved(graph: torch.fx.Graph, result: PassResult, top_level: bool, handled: set,
+                     read_nodes: frozenset = frozenset()) -> None:
     """Vocabulary-wide reads of lm-head logits other than a loss (RL log-probabilities, entropy, ...): misses,
     so that explain is never silent about logits it saw formed; returned logits: a note (top level only: a
     checkpointed body returns its values to its caller)."""
     try:
-        found = find_unserved(graph, handled)
+        found = find_unserved(graph, handled, read_nodes)
     except Exception:  # reporting must never fail a compile
         log.debug("cce: error while looking for unserved forms", exc_info=True)
         return
@@ -118,6 +146,28 @@ def _report_unserved(graph: torch.fx.Graph, result: PassResult, top_level: bool,
         _record_miss(result, m.where, m.loss, m.reason, m.category)
     if top_level:
         result.notes.extend(found.notes)
+
+
+def _find_reads(graph: torch.fx.Graph) -> list:
+    try:
+        return find_reads(graph)
+    except Exception:  # recognising reads must never fail a compile
+        log.debug("cce: error while looking for reads", exc_info=True)
+        return []
+
+
+def _lm_head_shaped(m) -> bool:
+    """A read (without a loss) is served for an lm-head only: a matmul wider than its input. Attention scores
+    or a router's logits are no larger than what they are computed from, and the op would recompute them."""
+    v, d = _last_dim(m.mm.node), m.D
+    return not (isinstance(v, int) and isinstance(d, int) and v <= d)
+
+
+def _record_rewrite(result: PassResult, r, kind: str, where: str) -> None:
+    result.rewrites.append(r)
+    _counters()["rewrites"] += 1
+    log.info("cce: rewrote %s at %s (N=%s D=%s V=%s %s)%s", kind, where, r.N, r.D, r.V, r.options,
+             "; " + "; ".join(r.notes) if r.notes else "")
 
 
 def rewrite_graph(graph_or_module: Any) -> PassResult:
@@ -142,12 +192,14 @@ def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) ->
         else:
             _report_losses_left_in(body, hop, result)
     losses = [n for n in graph.nodes if is_loss_node(n)]
-    if not losses:
+    reads = _find_reads(graph)
+    if not losses and not reads:
         _report_unserved(graph, result, top_level, set())
         return result
     regions = Regions.of(graph)
     rewritten_here = 0
     matched: set = set()  # the matmuls of the losses handled here (rewritten or left alone with a reason)
+    consumed: set = set()  # reads served by an op call already (their nodes are gone)
     for loss in losses:
         kind = _loss_kind(loss)
         where = location(loss)
@@ -155,7 +207,7 @@ def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) ->
             try:
                 m = match_loss(loss)
                 matched.update(m.mm.nodes)
-                plan = plan_rewrite(m, regions, recomputed=recomputed)
+                plan = plan_rewrite(m, regions, reads, recomputed=recomputed)
             except Miss:
                 raise
             except Exception as e:  # an unforeseen graph shape: report it, never fail the compile
@@ -163,17 +215,42 @@ def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) ->
                 raise Miss(f"internal error while matching: {type(e).__name__}: {e}") from e
             r = emit_plan(graph, plan)
         except Miss as e:
-            if _fed_by_matmul(loss):
+            if loss.args and _fed_by_matmul(loss.args[0]):
                 _record_miss(result, where, kind, str(e), e.category)
-            elif top_level and _logits_are_graph_input(loss):  # a body's inputs come from its caller
+            elif top_level and loss.args and _logits_are_graph_input(loss.args[0]):  # a body's inputs: its caller's
                 _record_miss(result, where, kind, GRAPH_INPUT_REASON, "graph_input")
             continue
-        result.rewrites.append(r)
-        _counters()["rewrites"] += 1
+        consumed.update(sr.node for sr in plan.served)
+        _record_rewrite(result, r, kind, where)
         rewritten_here += 1
-        log.info("cce: rewrote %s at %s (N=%s D=%s V=%s %s)%s", kind, where, r.N, r.D, r.V, r.options,
-                 "; " + "; ".join(r.notes) if r.notes else "")
-    _report_unserved(graph, result, top_level, matched)
+    # Reads no loss served: a log-probability first (its ids make it the op's targets), then the others.
+    for read in sorted(reads, key=lambda r: r.quantity is not Quantity.LOG_PROB):
+        if read.node in consumed:
+            continue
+        kind, where = read.quantity.value, location(read.node)
+        try:
+            try:
+                m = match_read(read)
+                if m.mm.node in matched or not _lm_head_shaped(m):
+                    continue  # reported with the loss of the same logits; or not an lm-head (a router, scores)
+                matched.update(m.mm.nodes)
+                plan = plan_rewrite(m, regions, reads, recomputed=recomputed)
+            except Miss:
+                raise
+            except Exception as e:  # an unforeseen graph shape: report it, never fail the compile
+                log.debug("cce: matcher error at %s", where, exc_info=True)
+                raise Miss(f"internal error while matching: {type(e).__name__}: {e}") from e
+            r = emit_plan(graph, plan)
+        except Miss as e:
+            if _fed_by_lm_head(read.src):
+                _record_miss(result, where, kind, str(e), e.category)
+            elif top_level and _logits_are_graph_input(read.src):
+                _record_miss(result, where, kind, GRAPH_INPUT_REASON, "graph_input")
+            continue
+        consumed.update(sr.node for sr in plan.served)
+        _record_rewrite(result, r, kind, where)
+        rewritten_here += 1
+    _report_unserved(graph, result, top_level, matched, frozenset(x for r in reads for x in r.nodes))
     if rewritten_here:  # a rewritten body recompiled itself; this graph only changed if it had rewrites
         graph.lint()
         owner = getattr(graph, "owning_module", None)

@@ -8,8 +8,11 @@ matmul kept, plus the op's own), which is slower than torch.compile's cross-entr
 already has, and holds the logits as well. So such a loss is not rewritten; :func:`check_logits_unshared`
 raises :class:`LogitsNeeded` naming the other users and what to write instead.
 
-Users that cost nothing are not "other users": a ``torch.logsumexp`` of the same rows (a z-loss) is
-served by the op's lse output, and a cast or reshape that feeds only such logsumexps dies with them.
+Users that cost nothing are not "other users": a ``torch.logsumexp`` of the same rows (a z-loss), an entropy
+of them, are served by the op's outputs (``served``), and a cast or reshape that feeds only such reads dies
+with them. The nodes inside a read (a log_softmax, a softmax, their product) count as the logits: anything
+else that reads them needs the logits too (a log_softmax shared by a log-probability and an entropy served
+together is not that).
 """
 from __future__ import annotations
 
@@ -35,26 +38,30 @@ ADVICE = ("compile a function that returns only the loss (e.g. `lambda ids, labe
 
 def chain_nodes(m: Match) -> list:
     """Every node whose value is the logits on their way to the loss: the matmul (and the parts of a
-    sum of matmuls), each step and its inner nodes."""
-    return list(m.mm.nodes) + [st.node for st in m.steps] + [x for st in m.steps for x in st.extra]
+    sum of matmuls), each step and its inner nodes, and the nodes inside the read the op stands for."""
+    read_inner = list(m.read.inner) if m.read is not None else []
+    return list(m.mm.nodes) + [st.node for st in m.steps] + [x for st in m.steps for x in st.extra] + read_inner
 
 
-def _served(lse_users: list) -> set:
-    """The served logsumexps and the casts/reshapes that feed only them (they die with them)."""
-    served = {u for u, *_ in lse_users}
-    for u in list(served):
-        f = u.args[0] if u.args else u.kwargs.get("input")
-        if isinstance(f, Node) and f.users and all(x in served for x in f.users):
-            served.add(f)
-    return served
+def _served(served: list) -> set:
+    """The served reads' nodes and the casts/reshapes that feed only them (they die with them)."""
+    nodes = {x for sr in served for x in sr.read.nodes}
+    for sr in served:
+        f = sr.feeder
+        if f is not None and f.users and all(x in nodes for x in f.users):
+            nodes.add(f)
+    return nodes
 
 
-def other_users(m: Match, lse_users: list) -> list:
-    """The nodes outside the loss's chain that read the logits (``output`` for a graph output)."""
+def other_users(m: Match, served: list) -> list:
+    """The nodes outside the loss's chain (and the reads served with it) that read the logits (``output`` for a
+    graph output)."""
     chain = chain_nodes(m)
-    inside = set(chain) | _served(lse_users) | {m.loss}
+    inside = set(chain) | _served(served) | {m.loss}
+    scan = chain + [x for sr in served for x in sr.read.inner] + [sr.feeder for sr in served if sr.feeder is not None]
+    replaced = {sr.node for sr in served}  # (what uses a served read's value reads the op's output)
     seen, out = set(), []
-    for n in chain:
+    for n in (n for n in scan if n not in replaced):
         for u in n.users:
             if u not in inside and u not in seen:
                 seen.add(u)
@@ -87,9 +94,10 @@ def describe_user(u: Node, in_region: bool = False) -> str:
     return f"{what} at {short_location(loss if loss is not None else u)}"
 
 
-def check_logits_unshared(m: Match, lse_users: list, in_region: bool = False) -> None:
-    """Raise :class:`LogitsNeeded` when anything besides the loss (and served logsumexps) reads the logits."""
-    users = other_users(m, lse_users)
+def check_logits_unshared(m: Match, served: list, in_region: bool = False) -> None:
+    """Raise :class:`LogitsNeeded` when anything besides the loss (and the reads served with it) reads the
+    logits."""
+    users = other_users(m, served)
     if not users:
         return
     what = "; ".join(describe_user(u, in_region) for u in users[:4]) + (" ..." if len(users) > 4 else "")

@@ -1,4 +1,5 @@
-"""The walk: loss node → typed steps → matmul. Shapes and spellings only; the plan checks the rest."""
+"""The walk: loss node (or a per-row read: ``reads``) → typed steps → matmul. Shapes and spellings only; the
+plan checks the rest."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .spellings import (
     match_matmul,
 )
 from .mutation import written_args
+from .reads import Quantity, Read, read_options
 from .records import Miss
 from .steps import Step, StepKind, check_order
 from .low_rank import match_low_rank_sum
@@ -34,17 +36,19 @@ from .low_rank import match_low_rank_sum
 
 @dataclass
 class Match:
-    loss: Node
-    kind: str  # "cross_entropy" | "nll_loss"
-    target: Node
+    loss: Node  # where the op will stand: the loss node, or the node of the read (``read``) the walk started at
+    kind: str  # "cross_entropy" | "nll_loss" | a read's quantity ("log_prob", "entropy", ...)
+    target: Optional[Node]  # the loss's targets; a log-probability read's ids (``read.ids_unit``: [..., 1]);
+    #                         None: no ids read
     ignore_index: Any
     reduction: str
     label_smoothing: float
     mm: Matmul
-    steps: list  # from the loss upwards
+    steps: list  # from the loss (or the read) upwards
     V: Any  # int, or a SymInt under dynamic shapes
     D: Any
     parallel: Any = None  # a dtensor_hook.ParallelCall for a vocabulary-sharded DTensor lm-head
+    read: Optional[Read] = None  # the read the walk started at (None: a loss)
 
     @property
     def order(self) -> list:
@@ -106,6 +110,46 @@ def _next_step(cur: Node, class_last: bool) -> Optional[Step]:
     return None
 
 
+def _walk(x: Node, class_last: bool, what: str) -> tuple[Matmul, list]:
+    """(matmul, steps from ``x`` upwards) of the chain ending at ``x``; ``what`` names the reader in reasons."""
+    steps: list = []
+    cur = x
+    for _ in range(64):
+        mm = match_matmul(cur) or match_low_rank_sum(cur)
+        if mm is not None and class_last:
+            break
+        if not class_last and mm is not None:
+            raise Miss("class dim of the loss is not the vocabulary dim (no transpose to (N, C, d...))")
+        st = _next_step(cur, class_last)
+        if st is None:
+            if written_args(cur):  # e.g. z += b: the loss reads the result of an in-place write
+                raise Miss(f"{_describe(cur)} writes to the logits in place between the matmul and the {what}")
+            raise Miss(f"unsupported op between the matmul and the {what}: {_describe(cur)}")
+        steps.append(st)
+        if st.kind is StepKind.CLASS_DIM:
+            class_last = True
+        cur = st.src
+    else:
+        raise Miss("chain too long")
+    if mm.weight is not None and len(_shape(mm.weight) or ()) != 2:
+        raise Miss("weight is not 2-D")
+    if _last_dim(cur) is None:
+        raise Miss("logits have no known shape")
+    hs = _shape(mm.hidden)
+    if hs is None or len(hs) < 1:
+        raise Miss("hidden is not a tensor")
+    if not (_dtype(mm.hidden) or torch.int64).is_floating_point:
+        raise Miss("hidden is not floating point")
+    return mm, steps
+
+
+def _inner_dim(mm: Matmul):
+    d = _shape(mm.hidden)[-1]
+    for t in mm.terms:  # the op's inner dim: the hidden states and every down-projection, concatenated
+        d = d + _shape(t.hidden)[-1]
+    return d
+
+
 def match_loss(loss: Node) -> Match:
     """Walk from a loss node up to the matmul; raise Miss with the reason when it is not our form."""
     is_ce = _call(loss, _CE_FNS)
@@ -118,36 +162,8 @@ def match_loss(loss: Node) -> Match:
     nd = len(_shape(x))
     if nd < 2:
         raise Miss("unbatched (1-D) logits")
-    class_last = nd == 2  # for (N, C, d…) inputs the class dim is 1 until a class transpose is seen
-    steps: list = []
-    cur = x
-    for _ in range(64):
-        mm = match_matmul(cur) or match_low_rank_sum(cur)
-        if mm is not None and class_last:
-            break
-        if not class_last and mm is not None:
-            raise Miss("class dim of the loss is not the vocabulary dim (no transpose to (N, C, d...))")
-        st = _next_step(cur, class_last)
-        if st is None:
-            if written_args(cur):  # e.g. z += b: the loss reads the result of an in-place write
-                raise Miss(f"{_describe(cur)} writes to the logits in place between the matmul and the loss")
-            raise Miss(f"unsupported op between the matmul and the loss: {_describe(cur)}")
-        steps.append(st)
-        if st.kind is StepKind.CLASS_DIM:
-            class_last = True
-        cur = st.src
-    else:
-        raise Miss("chain too long")
-    if mm.weight is not None and len(_shape(mm.weight) or ()) != 2:
-        raise Miss("weight is not 2-D")
-    v = _last_dim(cur)
-    if v is None:
-        raise Miss("logits have no known shape")
-    hs = _shape(mm.hidden)
-    if hs is None or len(hs) < 1:
-        raise Miss("hidden is not a tensor")
-    if not (_dtype(mm.hidden) or torch.int64).is_floating_point:
-        raise Miss("hidden is not floating point")
+    # for (N, C, d…) inputs the class dim is 1 until a class transpose is seen
+    mm, steps = _walk(x, nd == 2, "loss")
     parallel = _plan_parallel(mm, a["target"], steps, loss)
     if parallel is not None and mm.terms:
         raise Miss("a low-rank (LoRA) adapter on a vocabulary-sharded lm-head is not folded")
@@ -156,11 +172,28 @@ def match_loss(loss: Node) -> Match:
         raise Miss(why)
     if not is_ce and not any(st.kind is StepKind.NORMALIZE for st in steps):
         raise Miss("nll_loss input is not a log_softmax of the logits")
-    d = hs[-1]
-    for t in mm.terms:  # the op's inner dim: the hidden states and every down-projection, concatenated
-        d = d + _shape(t.hidden)[-1]
     return Match(loss, "cross_entropy" if is_ce else "nll_loss", a["target"], a["ignore_index"], a["reduction"],
-                 float(a["label_smoothing"]), mm, steps, v, d, parallel)
+                 float(a["label_smoothing"]), mm, steps, _last_dim(mm.node), _inner_dim(mm), parallel)
+
+
+def match_read(read: Read) -> Match:
+    """Walk from a per-row read (``reads``: a log-probability, an entropy, a logsumexp) up to the matmul; raise
+    Miss with the reason when it is not our form. The op then stands where the read stands."""
+    if len(_shape(read.src) or ()) < 1:
+        raise Miss("the read's logits have no known shape")
+    mm, steps = _walk(read.src, True, "read")
+    if any(st.kind is StepKind.NORMALIZE for st in steps):
+        raise Miss("a log_softmax of the logits before the read: the op reads the logits themselves")
+    target = read.ids if read.quantity is Quantity.LOG_PROB else None
+    if _plan_parallel(mm, target, steps, read.node) is not None:
+        raise Miss(f"{read.quantity.value} of a vocabulary-sharded (DTensor) lm-head: the vocabulary-parallel op "
+                   "serves cross_entropy / nll_loss (and a logsumexp with them) only")
+    why = check_order(list(reversed(steps)), mm.bias is not None)
+    if why is not None:
+        raise Miss(why)
+    ignore_index, reduction = read_options(read)
+    return Match(read.node, read.quantity.value, target, ignore_index, reduction, 0.0, mm, steps,
+                 _last_dim(mm.node), _inner_dim(mm), None, read)
 
 
 def _plan_parallel(mm: Matmul, target: Node, steps: list, loss: Node):

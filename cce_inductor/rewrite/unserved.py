@@ -1,7 +1,8 @@
 """What the pass sees but does not serve: so that ``explain`` is never silent about a vocabulary-wide op.
 
-The rewrite starts from losses (``F.cross_entropy`` / ``F.nll_loss``). Code that reads the logits in
-other ways forms the N×V logits just the same, and the user should hear about it. After the losses are
+The rewrite starts from losses (``F.cross_entropy`` / ``F.nll_loss``) and from the per-row reads it serves
+(:mod:`.reads`: log-probabilities, entropies, logsumexps in the spellings listed there). Code that reads the
+logits in other ways forms the N×V logits just the same, and the user should hear about it. After those are
 handled, :func:`find_unserved` starts from each lm-head-shaped matmul still in the graph (weight
 ``[V, D]`` with ``V > D``: its output is larger than its input) and follows the logits forward through
 ops that keep the vocabulary as the last dim (views, slices, casts, scaling, a temperature division,
@@ -10,19 +11,19 @@ ops that keep the vocabulary as the last dim (views, slices, casts, scaling, a t
 ==========================================  ===========================================================
 eager code                                  reported as
 ==========================================  ===========================================================
-``torch.gather(F.log_softmax(z, -1), -1,    per-token log-probabilities (RL: GRPO/PPO/DPO scoring)
-idx)``; ``gather(z) - logsumexp(z)``
-(TRL's ``selective_log_softmax``)
-``-(softmax(z) * log_softmax(z)).sum(-1)``  the entropy of the softmax
-``logsumexp(z) - (softmax(z) * z).sum(-1)``
-``softmax`` / ``log_softmax`` /             that op over the vocabulary (a KL or distillation term, a
-``logsumexp`` alone                         z-loss without a cross-entropy, sampling probabilities)
+a gather of a log_softmax / softmax in a    per-token log-probabilities (e.g. ``log(softmax(z))``, whose
+spelling not served                         underflow to ``-inf`` the op would not reproduce; several ids
+                                            per row)
+an entropy in a spelling not served         the entropy of the softmax (``Categorical(logits=z).entropy()``,
+                                            ``log(p + eps)``, chunks written into a buffer in place)
+``softmax`` / ``log_softmax`` alone         that op over the vocabulary (a KL or distillation term,
+                                            sampling probabilities)
 the logits returned from the graph          a note, not a miss (evaluation needs them; a loss computed
                                             from them outside the graph cannot be fused)
 ==========================================  ===========================================================
 
-A matmul whose logits reach a cross-entropy is left to the loss-driven pass (rewritten, or reported
-with its own reason). Nothing here changes the graph.
+A matmul whose logits reach a loss or a read the pass recognises is left to the pass (rewritten, or
+reported with its own reason). Nothing here changes the graph.
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def _keeps_vocab(u: Node, v) -> bool:
     return u.op in ("call_function", "call_method") and _same_size(_last_dim(u), v)
 
 
-def _reads(mm: Node, v) -> _Reads:
+def _reads(mm: Node, v, handled_reads: frozenset = frozenset()) -> _Reads:
     out = _Reads()
     frontier, seen = [mm], {mm}
     for _ in range(16):
@@ -96,7 +97,7 @@ def _reads(mm: Node, v) -> _Reads:
                 seen.add(u)
                 if u.op == "output":
                     out.returned = True
-                elif is_loss_node(u):
+                elif is_loss_node(u) or u in handled_reads:
                     out.loss = True
                 elif (op := _vocab_op(u)) is not None:
                     out.ops.setdefault(op, u)
@@ -108,7 +109,7 @@ def _reads(mm: Node, v) -> _Reads:
                                 out.ops.setdefault("exp" if op == "log_softmax" else "softmax_product", w)
                             elif w.op == "output":
                                 out.returned = True
-                            elif is_loss_node(w):
+                            elif is_loss_node(w) or w in handled_reads:
                                 out.loss = True
                 elif _keeps_vocab(u, v) or _as_class_transpose(u) is not None:  # (N, C, d...) for a loss
                     nxt.append(u)
@@ -141,10 +142,11 @@ class Unserved:
     notes: list = field(default_factory=list)
 
 
-def find_unserved(graph: Graph, handled: frozenset = frozenset()) -> Unserved:
-    """Misses for lm-head matmuls whose logits are read over the vocabulary by something other than a loss,
-    and notes for lm-head logits a graph returns with no loss of them in it. ``handled``: matmul nodes whose
-    loss the pass already reported (rewritten, or left alone with its own reason)."""
+def find_unserved(graph: Graph, handled: frozenset = frozenset(), handled_reads: frozenset = frozenset()) -> Unserved:
+    """Misses for lm-head matmuls whose logits are read over the vocabulary by something other than a loss or a
+    served read, and notes for lm-head logits a graph returns with no loss of them in it. ``handled``: matmul
+    nodes whose loss or read the pass already reported (rewritten, or left alone with its own reason);
+    ``handled_reads``: the nodes of every read the pass recognised (reported with their own reason)."""
     found = Unserved()
     pos = {n: i for i, n in enumerate(graph.nodes)}
     for node in graph.nodes:
@@ -154,7 +156,7 @@ def find_unserved(graph: Graph, handled: frozenset = frozenset()) -> Unserved:
         v, d = _last_dim(node), _last_dim(mm.hidden)
         if not (isinstance(v, int) and isinstance(d, int) and v > d):
             continue
-        reads = _reads(node, v)
+        reads = _reads(node, v, handled_reads)
         if reads.loss:
             continue  # the loss-driven pass reported it (rewritten, or left alone with its reason)
         if reads.ops:
@@ -162,8 +164,9 @@ def find_unserved(graph: Graph, handled: frozenset = frozenset()) -> Unserved:
             name, what = _form(reads.ops)
             found.misses.append(MissRecord(
                 location(first), name,
-                f"not served yet: {what} of the logits of the matmul at {short_location(node)} (V={v}, D={d}); the "
-                "op computes cross-entropy only, so the N×V logits are formed",
+                f"not served yet: {what} of the logits of the matmul at {short_location(node)} (V={v}, D={d}), in a "
+                "spelling the rewrite does not serve, so the N×V logits are formed (served: cross-entropy, and "
+                "per-token log-probabilities, entropy and logsumexp as the README's \"RL and scoring\" lists them)",
                 "not_served"))
         elif reads.returned and v >= RETURNED_LOGITS_MIN_RATIO * d:
             found.notes.append(
