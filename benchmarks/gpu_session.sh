@@ -10,6 +10,9 @@
 #   PART=final the CUDA tests and the op-level table: llama3.2-1b, gemma2, llama3-8b x 8k-64k tokens, torch.compile,
 #              the 3-matmul floor, cce.op, cce.backend, Liger
 #   PART=lowmem the low-memory path's d_hidden schemes against torch.compile (8k-32k, two shapes) and a profile
+#   PART=rl    the RL forms: the rewrite's CUDA tests, per-token log-probabilities with per-token gradients
+#              (sweep.py --mode logp: the low-memory path) and no-grad scoring (--mode score) against
+#              torch.compile, and the GRPO example's table at the Qwen2.5-0.5B and Llama-3.2-1B shapes (GRPO_TOKENS)
 #   PART=harness  a check of every benchmark on one GPU in one call: the CUDA tests, the peers table,
 #              fast_path_check.py --quick --kernels, sweep.py --large-n, a 2-layer Llama step_bench run
 # Peers (optional) come as wheels in .whl/ (cut-cross-entropy 25.1.1, liger-kernel 0.8.5, --no-deps);
@@ -84,6 +87,21 @@ lowmem)
     2>&1 | grep -v USDT > "$OUT/profile_low_memory.log"
   cat "$OUT/profile_low_memory.log"
   ;;
+rl)
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_rewrite_cuda.py 2>&1 | tail -4 \
+    | tee "$OUT/cuda_tests_rewrite.log"
+  timeout 150 python3 benchmarks/sweep.py --mode logp --shapes gemma2,llama3 --tokens 8192,32768 --regime flat \
+    --warmup 10 --rep 30 --methods torch.compile,floor,cce.op,cce.backend > "$OUT/sweep_logp.log" 2>&1
+  tail -12 "$OUT/sweep_logp.log"
+  timeout 100 python3 benchmarks/sweep.py --mode score --shapes gemma2,llama3 --tokens 8192,32768,65536 --regime flat \
+    --warmup 10 --rep 30 --methods torch.compile,cce.op,cce.backend > "$OUT/sweep_score.log" 2>&1
+  tail -12 "$OUT/sweep_score.log"
+  for shape in qwen2.5-0.5b llama3.2-1b; do
+    timeout 115 python3 examples/grpo_step.py --device cuda --shape $shape --tokens "${GRPO_TOKENS:-16384,32768}" \
+      > "$OUT/grpo_$shape.log" 2>&1
+    tail -6 "$OUT/grpo_$shape.log"
+  done
+  ;;
 harness)
   timeout 140 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_fast.py 2>&1 \
     | tail -15 | tee "$OUT/cuda_tests.log"
@@ -97,5 +115,5 @@ harness)
     --compile-limit-s 60 > "$OUT/step_bench.log" 2>&1
   tail -12 "$OUT/step_bench.log"
   ;;
-*) echo "PART must be a, b, step, dist or harness" >&2; exit 2 ;;
+*) echo "PART must be a, b, step, dist, speed, final, lowmem, rl or harness" >&2; exit 2 ;;
 esac

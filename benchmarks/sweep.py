@@ -26,12 +26,22 @@ H200 (estimated from the measured peers' times in shared/design/FACTS.md; not ye
 flat data, 8192,32768,65536 tokens, no float64 errors, do_bench(warmup=10, rep=50); it prints the op's
 time as a multiple of one matmul and writes $OUT/large_n.{md,json,png}. Options given explicitly win.
 
+--mode logp / --mode score are the RL forms (per-token log-probabilities, as a policy-gradient step and a
+reference model's scoring use them), methods eager / torch.compile / cce.op / cce.backend / floor / cce.op@...:
+  logp   log p = gather(log_softmax((e @ c.T).float()), t) per token (cce.op: cce_inductor.linear_log_probs),
+         fwd+bwd of sum(w * log p) with fixed per-token weights w in [0.5, 1.5] (advantages): the upstream
+         gradient is per token, so the op takes its low-memory path; errors against float64 of that sum
+  score  the same log-probabilities under torch.no_grad(): the forward alone (old-policy / reference scoring);
+         peak includes the [N] output; `logp err` = max-norm relative error of the per-token values
+Peers are left out of these modes. Output files: sweep_logp.* / sweep_score.*.
+
 --dry-run runs on the CPU (tiny shape, one timed call per cell, no memory numbers): it checks the script.
 
     python benchmarks/sweep.py [--shapes gemma2,llama3] [--tokens 8192,16384,32768,65536]
                                [--methods eager,cce.op,...] [--regime zipf|flat] [--err-tokens 8192]
     python benchmarks/sweep.py --large-n [--tokens 8192,32768,65536]
-    python benchmarks/sweep.py --dry-run
+    python benchmarks/sweep.py --mode logp|score [--shapes ...] [--tokens ...]
+    python benchmarks/sweep.py --dry-run [--mode ...]
 """
 from __future__ import annotations
 
@@ -40,15 +50,19 @@ import json
 import time
 
 import torch
+import torch.nn.functional as F
 
-from harness import (SHAPES, eager, eager_copy, float64_reference, fmt, free, gpu_name, make_inputs, markdown_table,
-                     matmul_ms, measure_loss_head, now, out_path, pyplot, ratio, save_figure, shape, versions,
-                     write_json, write_text)
+from harness import (SHAPES, Reference, eager, eager_copy, float64_reference, fmt, free, gpu_name, make_inputs,
+                     markdown_table, matmul_ms, measure_forward, measure_loss_head, now, out_path, pyplot, ratio,
+                     save_figure, shape, versions, write_json, write_text)
 
 DEFAULTS = dict(shapes="gemma2,llama3", tokens="8192,16384,32768,65536", methods=None, regime="zipf",
                 err_tokens="8192", warmup=25, rep=100)
 LARGE_N = dict(DEFAULTS, tokens="8192,32768,65536", methods="cce.op", regime="flat", err_tokens="", warmup=10, rep=50)
 DRY_RUN = dict(shapes="tiny", tokens="64,96")  # over the others; errors at 96 tokens (none with --large-n)
+MODE_TEXT = {"loss": "fwd+bwd, mean reduction",
+             "logp": "fwd+bwd of sum(w * log p) with per-token weights w (the RL form: per-token gradients)",
+             "score": "no-grad forward of the per-token log-probabilities (scoring)"}
 
 
 def _peer(name):
@@ -133,6 +147,85 @@ def build_methods(device, asked=()):
     return methods, found
 
 
+def eager_logp(e, c, t):
+    """Per-token log-probabilities the way RL code writes them: the gather of log_softmax of float32 logits."""
+    return torch.gather(F.log_softmax((e @ c.T).float(), -1), -1, t[:, None]).squeeze(-1)
+
+
+def eager_logp_copy(e, c, t):
+    """:func:`eager_logp` with its own code object (a second compile: another backend)."""
+    return torch.gather(F.log_softmax((e @ c.T).float(), -1), -1, t[:, None]).squeeze(-1)
+
+
+def build_per_token_methods(mode, asked=()):
+    """``--mode logp|score``: name -> fn(e, c, t) returning per-token log-probabilities [N] (the floor, in logp
+    mode only, returns a scalar whose backward is the 3 matmuls)."""
+    import cce_inductor
+
+    def op_variant(name):
+        fn = lambda e, c, t: cce_inductor.linear_log_probs(e, c, t)  # noqa: E731
+        fn.config_patch = config_variant(name).config_patch
+        return fn
+
+    # dynamic=False: with e and t separate inputs of dynamic sizes, gather's index rows are not provably e's rows
+    # (gather accepts fewer) and the read is left alone (explain says so); in a model both come from one tensor
+    methods = {"eager": eager_logp, "torch.compile": torch.compile(eager_logp, dynamic=False),
+               "cce.op": lambda e, c, t: cce_inductor.linear_log_probs(e, c, t),
+               "cce.backend": torch.compile(eager_logp_copy, backend="cce", dynamic=False)}
+    if mode == "logp":
+        methods["floor"] = floor
+    methods.update({m: op_variant(m) for m in asked if m.startswith("cce.op@")})
+    return methods, {"cce_inductor": getattr(cce_inductor, "__version__", "?")}
+
+
+def per_token_weights(t):
+    """The fixed per-token upstream weights of ``--mode logp`` (advantage-like, positive: no cancellation in
+    the checked sum)."""
+    g = torch.Generator(device=t.device).manual_seed(7)
+    return 0.5 + torch.rand(t.shape, device=t.device, generator=g)
+
+
+def weighted_reference(e, c, t, w) -> Reference:
+    """Float64 ``sum(w * log p)`` and its gradients (log p = -loss per token)."""
+    from cce_inductor.options import LossOptions
+    from cce_inductor.reference import reference_loss_and_grads
+
+    loss, _, dE, dC, _ = reference_loss_and_grads(e.detach(), c.detach(), None, t, LossOptions(),
+                                                  grad_loss=-w.double())
+    return Reference(-(w.double() * loss).sum().item(), dE, dC)
+
+
+def score_reference(e, c, t):
+    """Float64 per-token losses (= -log p)."""
+    from cce_inductor.options import LossOptions
+    from cce_inductor.reference import reference_loss_and_grads
+
+    return reference_loss_and_grads(e.detach(), c.detach(), None, t, LossOptions())[0]
+
+
+def run_per_token_cell(mode, name, fn, e, c, t, w, ref, warmup, rep, device):
+    """One method at one (shape, N) in ``--mode logp`` (fwd+bwd of sum(w * log p)) or ``score`` (no-grad forward
+    of log p): errors where ``ref`` is given, peak, median ms."""
+    try:
+        with _config_patch(fn):
+            if mode == "logp":
+                scalar = fn if name == "floor" else (lambda e, c, t: (fn(e, c, t) * w).sum())
+                r = measure_loss_head(scalar, e, c, t, ref, warmup=warmup, rep=rep, device=device,
+                                      keys=("peak_MB", "ms"))
+            else:
+                out, r = measure_forward(fn, e, c, t, warmup=warmup, rep=rep, device=device)
+                if ref is not None:
+                    want = -ref
+                    r["logp_err"] = ((out.double() - want).abs().max() / want.abs().max()).item()
+                del out
+    except torch.OutOfMemoryError:
+        r = dict(error="OOM")
+    except Exception as ex:  # noqa: BLE001
+        r = dict(error=f"{type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}")
+    free(device)
+    return r
+
+
 def _config_patch(fn):
     """The ``cce_inductor.config.patch`` a ``cce.op@...`` variant asks for (a no-op context for the others)."""
     import contextlib
@@ -166,25 +259,28 @@ def write_markdown(path, rows, header):
     versions_line = " | ".join(f"{k} {v}" for k, v in header["versions"].items())
     lines = [f"# Linear + cross-entropy sweep ({header['date']})", "",
              f"GPU: {header['gpu']} | torch {header['torch']} | triton {header['triton']} | {versions_line}",
-             f"bf16 inputs, fwd+bwd, mean reduction; regime `{header['regime']}`; "
+             f"bf16 inputs, {MODE_TEXT[header.get('mode', 'loss')]}; regime `{header['regime']}`; "
              f"do_bench(warmup={header['warmup']}, rep={header['rep']}, median). Peak = max_memory_allocated "
-             "during one fwd+bwd minus memory allocated before it (includes the two gradients). Errors are "
+             "during one call minus memory allocated before it (includes the gradients / the output). Errors are "
              "relative to a float64 reference (only at the listed token counts). `mm` = one E·Cᵀ bf16 matmul.",
              ""]
+    score = header.get("mode") == "score"
     for name in dict.fromkeys(r["shape"] for r in rows):
         _, D, V = SHAPES[name]
         body = []
         for r in (r for r in rows if r["shape"] == name):
             if "error" in r:
-                body.append([r["N"], r["method"], r["error"]] + [""] * 6)
+                body.append([r["N"], r["method"], r["error"]] + [""] * (4 if score else 6))
                 continue
             tc = (_cell(rows, name, r["N"], "torch.compile") or {}).get("ms")
+            errs = ([fmt(r.get("logp_err"), ".1e")] if score else
+                    [fmt(r.get("loss_err"), ".1e"), fmt(r.get("dE_err"), ".1e"), fmt(r.get("dC_err"), ".1e")])
             body.append([r["N"], r["method"], f"{r['ms']:.2f}", ratio(r["ms"], tc), ratio(r["ms"], r["mm_ms"]),
-                         fmt(r["peak_MB"], ".0f"), fmt(r.get("loss_err"), ".1e"), fmt(r.get("dE_err"), ".1e"),
-                         fmt(r.get("dC_err"), ".1e")])
+                         fmt(r["peak_MB"], ".0f")] + errs)
         lines += [f"## {name} (D={D}, V={V})", ""]
-        lines += markdown_table(["N", "method", "fwd+bwd ms", "× torch.compile", "× mm", "peak MB", "loss err",
-                                 "dE err", "dC err"], body, align="rlrrrrrrr")
+        err_cols = ["logp err"] if score else ["loss err", "dE err", "dC err"]
+        lines += markdown_table(["N", "method", "fwd ms" if score else "fwd+bwd ms", "× torch.compile", "× mm",
+                                 "peak MB"] + err_cols, body, align="rlrrrr" + "r" * len(err_cols))
         lines.append("")
     write_text(path, "\n".join(lines))
 
@@ -233,7 +329,8 @@ def print_summary(rows, methods, header):
     Ns = list(dict.fromkeys(r["N"] for r in rows))
     print(f"\n{header['gpu']} | torch {header['torch']} | triton {header['triton']} | {header['elapsed_s']} s")
     for name in dict.fromkeys(r["shape"] for r in rows):
-        print(f"\n{name}: fwd+bwd ms / peak GB" + "".join(f"{'N=' + str(n):>16s}" for n in Ns) + "   dE err  dC err")
+        what = "fwd ms" if header.get("mode") == "score" else "fwd+bwd ms"
+        print(f"\n{name}: {what} / peak GB" + "".join(f"{'N=' + str(n):>16s}" for n in Ns) + "   errors")
         for m in methods:
             cells, errs = [], ""
             for n in Ns:
@@ -244,7 +341,9 @@ def print_summary(rows, methods, header):
                 gb = None if r["peak_MB"] is None else r["peak_MB"] / 1024
                 cells.append(f"{r['ms']:8.1f} /{fmt(gb, '5.1f', '-')}")
                 if "dE_err" in r:
-                    errs = f"  {r['dE_err']:7.1e} {r['dC_err']:7.1e}"
+                    errs = f"  dE {r['dE_err']:7.1e} dC {r['dC_err']:7.1e}"
+                elif "logp_err" in r:
+                    errs = f"  logp {r['logp_err']:7.1e}"
             print(f"  {m:24s}" + "".join(cells) + errs)
 
 
@@ -267,8 +366,13 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, help="do_bench warm-up ms (default 25; --large-n 10)")
     ap.add_argument("--rep", type=int, help="do_bench ms (default 100; --large-n 50)")
     ap.add_argument("--large-n", action="store_true", help="the op alone at large token counts (was large_n_check.py)")
+    ap.add_argument("--mode", choices=list(MODE_TEXT), default="loss",
+                    help="loss (default): the mean loss, fwd+bwd; logp / score: per-token log-probabilities with "
+                         "per-token gradients / under no_grad (RL)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shape: checks that the script runs")
     a = ap.parse_args(argv)
+    if a.large_n and a.mode != "loss":
+        ap.error("--large-n measures the loss (--mode loss)")
     defaults = dict(LARGE_N if a.large_n else DEFAULTS)
     if a.dry_run:
         defaults.update(DRY_RUN, err_tokens=defaults["err_tokens"] and "96")
@@ -276,7 +380,7 @@ def parse_args(argv=None):
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.device = "cpu" if a.dry_run else "cuda"
-    a.stem = "large_n" if a.large_n else "sweep"
+    a.stem = "large_n" if a.large_n else "sweep" if a.mode == "loss" else f"sweep_{a.mode}"
     return a
 
 
@@ -288,13 +392,16 @@ def main(argv=None):
 
     t_start = time.time()
     asked = a.methods.split(",") if a.methods else []
-    methods, found = build_methods(a.device, asked)
+    if a.mode == "loss":
+        methods, found = build_methods(a.device, asked)
+    else:
+        methods, found = build_per_token_methods(a.mode, asked)
     if asked:
         methods = {k: methods[k] for k in asked if k in methods}
     run = versions(tuple(d for _, d in PEERS.values()))
     pkg = {k: (v if k == "cce_inductor" else run.get(v, "?")) for k, v in found.items()}
     header = dict(gpu=gpu_name(a.device), date=now(date_only=True), torch=torch.__version__,
-                  triton=triton.__version__, versions=pkg, regime=a.regime, warmup=a.warmup, rep=a.rep,
+                  triton=triton.__version__, versions=pkg, regime=a.regime, mode=a.mode, warmup=a.warmup, rep=a.rep,
                   git=run["git"], cce_inductor_sources=run["cce_inductor_sources"])
     print(json.dumps(header), flush=True)
     err_tokens = {int(x) for x in a.err_tokens.split(",") if x}
@@ -306,7 +413,11 @@ def main(argv=None):
             try:
                 e, c, t = make_inputs(N, D, V, a.regime, device=a.device)
                 mm = matmul_ms(e, c, warmup=a.warmup, rep=a.rep, device=a.device)
-                ref = float64_reference(e, c, t) if N in err_tokens else None
+                w = per_token_weights(t) if a.mode == "logp" else None
+                ref = None
+                if N in err_tokens:
+                    ref = (float64_reference(e, c, t) if a.mode == "loss" else weighted_reference(e, c, t, w)
+                           if a.mode == "logp" else score_reference(e, c, t))
             except torch.OutOfMemoryError:
                 for m in methods:
                     rows.append(dict(shape=name, N=N, D=D, V=V, method=m, error="OOM (inputs/reference)"))
@@ -314,10 +425,12 @@ def main(argv=None):
                 continue
             for m, fn in methods.items():
                 r = dict(shape=name, N=N, D=D, V=V, method=m, mm_ms=mm)
-                r.update(run_cell(fn, e, c, t, None if m == "floor" else ref, a.warmup, a.rep, a.device))
+                cell_ref = None if m == "floor" else ref
+                r.update(run_cell(fn, e, c, t, cell_ref, a.warmup, a.rep, a.device) if a.mode == "loss" else
+                         run_per_token_cell(a.mode, m, fn, e, c, t, w, cell_ref, a.warmup, a.rep, a.device))
                 print(json.dumps(r), flush=True)
                 rows.append(r)
-            del e, c, t, ref
+            del e, c, t, w, ref
             free(a.device)
             header["elapsed_s"] = round(time.time() - t_start)
             # after every token count: a cut-short run still leaves its results

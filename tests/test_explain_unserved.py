@@ -112,3 +112,23 @@ def test_one_report_per_loss_left_to_inductor(data):
     results = check(f, (h, w, y), 0, return_results=True)
     misses = [m for r in results for m in r.misses]
     assert [m.category for m in misses] == ["logits_kept"], misses
+
+
+def test_gather_with_rows_not_provably_the_logits_rows_is_named():
+    """Separate hidden and ids inputs with dynamic sizes: torch.gather also accepts fewer index rows, so the read is
+    not provably the op's and is left alone; the reason says so (and how to make it provable), and slicing the ids
+    to the hidden's rows makes it served."""
+    h, w, _, y = make_inputs((12,), d=D, v=V, bias=False, ignore_frac=0.0)
+    torch._dynamo.mark_dynamic(h, 0)
+    torch._dynamo.mark_dynamic(y, 0)
+
+    def f(h, w, y):
+        return torch.gather(F.log_softmax(h @ w.T, -1), -1, y[:, None]).squeeze(-1).sum()
+    report = cce_inductor.explain(f, h, w, y)
+    assert not report.rewrites and len(report.misses) == 1, report
+    assert "cannot prove equal to the logits' rows" in report.misses[0].reason, report.misses[0]
+
+    def sliced(h, w, y):
+        return f(h, w, y[: h.shape[0]])
+    torch._dynamo.reset()
+    assert len(cce_inductor.explain(sliced, h, w, y).rewrites) == 1

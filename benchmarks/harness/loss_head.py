@@ -33,3 +33,20 @@ def measure_loss_head(fn, e, c, t, ref=None, *, warmup=25, rep=100, device="cuda
     finally:
         e.grad = c.grad = None
     return r
+
+
+def measure_forward(fn, e, c, t, *, warmup=25, rep=100, device="cuda", keys=("peak_MB", "ms")):
+    """``fn(e, c, t)`` under ``torch.no_grad()`` (scoring: a forward only): the first call's output (it compiles,
+    where there is something to compile), the peak of one more call over what was allocated before it (the
+    output included) and the median ms of ``bench_ms``. Returns ``(output, {peak, ms})``."""
+    import torch
+
+    with torch.no_grad():
+        out = fn(e, c, t)
+        sync(device)
+        with PeakMemory(device) as mem:
+            fn(e, c, t)
+        r = {keys[0]: mem.above_mib}
+        free(device)
+        r[keys[1]] = bench_ms(lambda: fn(e, c, t), warmup=warmup, rep=rep, device=device)
+    return out, r

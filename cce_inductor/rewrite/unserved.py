@@ -117,6 +117,20 @@ def _reads(mm: Node, v, handled_reads: frozenset = frozenset()) -> _Reads:
     return out
 
 
+def _unproven_gather_rows(gather: Optional[Node]) -> bool:
+    """True for a gather over the last dim whose index has the input's rank and a unit last dim but leading sizes
+    not provably equal to the input's (the reads decline it: see ``reads._gather_args``)."""
+    if gather is None:
+        return False
+    a = _bind(gather, _GATHER_SIG)
+    if not a:
+        return False
+    xs, ixs = _shape(a["input"]), _shape(a["index"])
+    if not xs or not ixs or len(xs) != len(ixs) or not _same_size(ixs[-1], 1):
+        return False
+    return not all(_same_size(i, j) for i, j in zip(ixs[:-1], xs[:-1]))
+
+
 def _form(ops: dict) -> tuple[str, str]:
     """(short name, description) of the forms that the vocabulary-wide ops read together make."""
     has = set(ops)
@@ -162,11 +176,15 @@ def find_unserved(graph: Graph, handled: frozenset = frozenset(), handled_reads:
         if reads.ops:
             first = min(reads.ops.values(), key=pos.__getitem__)
             name, what = _form(reads.ops)
+            why = ("in a spelling the rewrite does not serve" if not _unproven_gather_rows(reads.ops.get("gather"))
+                   else "with a gather whose index rows the compiler cannot prove equal to the logits' rows (torch.gather "
+                   "also reads a shorter index, e.g. separate ids and hidden inputs with dynamic sizes: derive both "
+                   "from one tensor, or compile with dynamic=False)")
             found.misses.append(MissRecord(
                 location(first), name,
-                f"not served yet: {what} of the logits of the matmul at {short_location(node)} (V={v}, D={d}), in a "
-                "spelling the rewrite does not serve, so the N×V logits are formed (served: cross-entropy, and "
-                "per-token log-probabilities, entropy and logsumexp as the README's \"RL and scoring\" lists them)",
+                f"not served yet: {what} of the logits of the matmul at {short_location(node)} (V={v}, D={d}), {why}, "
+                "so the N×V logits are formed (served: cross-entropy, and per-token log-probabilities, entropy and "
+                "logsumexp as the README's \"RL and scoring\" lists them)",
                 "not_served"))
         elif reads.returned and v >= RETURNED_LOGITS_MIN_RATIO * d:
             found.notes.append(
