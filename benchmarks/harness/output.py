@@ -45,9 +45,11 @@ def gpu_name(device="cuda"):
 
 
 def git_commit():
+    """The checkout's commit, ``-dirty`` when the tree differs from it (a copied tree whose git metadata is older
+    than its files reads as ``<old commit>-dirty``: ``sources_hash`` then says what ran)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              timeout=10).stdout.strip() or None
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                              text=True, cwd=ROOT, timeout=10).stdout.strip() or None
     except Exception:  # noqa: BLE001
         return None
 
