@@ -57,10 +57,10 @@ def test_fast_forward_matches_float64(dtype, case, reduction, poison):
     N, D, V = 37, 40, 70  # nothing a multiple of the 16-wide blocks
     h, w, b, t = make_inputs(N, D, V, dtype, has_bias, gen)
     t[[3, 11]] = opts.ignore_index
-    # Every accumulator format with every option is the costly part under the interpreter: all formats with
-    # the all-options case, int4 with the others.
+    # Every accumulator format with every option is the costly part under the interpreter: the other formats
+    # with the all-options case, int4 with the others (and every format over 6 chunks in the test below).
     remainders = (["int8"] if dtype == torch.float32 else
-                  ["fp32", "int8", "int4", "float"] if case == "bias-smooth-softcap-scale" else ["int4"])
+                  ["fp32", "int8", "float"] if case == "bias-smooth-softcap-scale" else ["int4"])
     for rem in remainders:
         check_fast(h, w, b, t, opts, reduction, tokens=8, remainder=rem)  # 5 chunks, last one partial
     check_fast(h, w, b, t, opts, reduction, tokens=N, remainder="int4")  # one chunk: cuBLAS writes d_weight
@@ -68,10 +68,10 @@ def test_fast_forward_matches_float64(dtype, case, reduction, poison):
 
 @pytest.mark.parametrize("dtype", dtype_params("bf16", "fp16"))
 def test_weight_remainder_keeps_the_fp32_sum(dtype, poison):
-    """d_weight over 12 token chunks with a remainder is as exact (vs float64) as one chunk (one rounding of
+    """d_weight over 6 token chunks with a remainder is as exact (vs float64) as one chunk (one rounding of
     the fp32 sum). (That plain 16-bit accumulation is worse is shown at the kernel level below.)"""
     gen = torch.Generator().manual_seed(21)
-    N, D, V = 96, 20, 34
+    N, D, V = 48, 20, 34
     h, w, _, t = make_inputs(N, D, V, dtype, False, gen, logit_std=1.0)
     opts = LossOptions()
     ref = reference_loss_and_grads(h, w, None, t, opts, torch.ones(N, dtype=torch.float64))[3]

@@ -72,7 +72,8 @@ def test_16bit_fast_path_as_exact_as_eager(dtype, softcap, label_smoothing, redu
     compensated d_weight accumulation) and a non-power-of-two upstream gradient."""
     kw = dict(softcap=softcap, label_smoothing=label_smoothing, reduction=reduction)
     h, w, b, t = make_inputs((64,), 48, 301, dtype, bias=True, scale=8.0)
-    for remainder in ("int8", "int4"):
+    # (under the interpreter int8 only: the int4 remainder's kernels are checked in tests/test_fast_kernels.py)
+    for remainder in ("int8",) if triton else ("int8", "int4"):
         ctx = use_triton_on_cpu() if triton else contextlib.nullcontext()
         with ctx, cce_inductor.config.patch(fast_path_tokens_per_chunk=16, fast_path_remainder=remainder):
             _, grads = grads_of(cce_inductor.linear_cross_entropy, h, w, b, t, path="fast", **kw)

@@ -218,6 +218,7 @@ def test_hf_install_loss_only_inductor():
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # (the quick run has tests/test_checkpointing.py's recipe and no-recipe cases)
 def test_hf_gradient_checkpointing():
     """``model.gradient_checkpointing_enable()`` with the documented recipe (README, "Gradient
     checkpointing"): ``use_cache=False`` and Dynamo's ``skip_fwd_side_effects_in_bwd_under_checkpoint``
@@ -234,6 +235,7 @@ def test_hf_gradient_checkpointing():
     assert not r.logits_kept
 
 
+@pytest.mark.slow  # (the quick run has tests/test_checkpointing.py's recipe and no-recipe cases)
 def test_hf_gradient_checkpointing_without_the_recipe_stays_exact():
     """Checkpointing as a user first writes it (no recipe, no ``fullgraph``): whatever Dynamo does with the
     checkpointed layers (on transformers >= 5 it breaks the graph around them), loss and gradients equal
