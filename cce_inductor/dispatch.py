@@ -79,8 +79,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Optional[Tenso
         loss, _, _, _ = torch.ops.cce.fast_linear_cross_entropy(*args, reduction, *wants, path)
         return loss
     else:
-        loss, lse, entropy = torch.ops.cce.linear_cross_entropy_forward(*args, for_backward=needs_grad,
-                                                                        with_entropy=return_entropy)
+        loss, lse, entropy, _, _ = torch.ops.cce.linear_cross_entropy_forward(*args, for_backward=needs_grad,
+                                                                              with_entropy=return_entropy)
     loss = reduce_loss(loss, flat_targets, opts.ignore_index, reduction, lead_shape)
     if not (return_lse or return_entropy):
         return loss

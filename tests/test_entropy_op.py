@@ -244,7 +244,8 @@ def test_opcheck_with_entropy(bias):
     h, w, b, t = make_inputs((6,), 8, 11, torch.float32, bias=bias)
     torch.library.opcheck(torch.ops.cce.linear_cross_entropy_forward.default,
                           (h, w, b, t, -100, 0.1, 3.0, 1.0), dict(with_entropy=True))
-    _, lse, entropy = torch.ops.cce.linear_cross_entropy_forward(h, w, b, t, -100, 0.1, 3.0, 1.0, with_entropy=True)
+    _, lse, entropy, _, _ = torch.ops.cce.linear_cross_entropy_forward(h, w, b, t, -100, 0.1, 3.0, 1.0,
+                                                                       with_entropy=True)
     assert entropy.shape == (6,)
     g = torch.randn(6)
     torch.library.opcheck(torch.ops.cce.linear_cross_entropy_backward.default,
@@ -254,7 +255,7 @@ def test_opcheck_with_entropy(bias):
 
 def test_forward_without_entropy_returns_an_empty_third_output():
     h, w, _, t = make_inputs((6,), 8, 11, torch.float32)
-    loss, lse, entropy = torch.ops.cce.linear_cross_entropy_forward(h, w, None, t, -100, 0.0, None, 1.0)
+    loss, lse, entropy, _, _ = torch.ops.cce.linear_cross_entropy_forward(h, w, None, t, -100, 0.0, None, 1.0)
     assert entropy.numel() == 0 and loss.shape == lse.shape == (6,)
 
 

@@ -100,7 +100,7 @@ def test_opcheck(bias):
     h, w, b, t = make_inputs((6,), 8, 11, torch.float32, bias=bias)
     torch.library.opcheck(torch.ops.cce.linear_cross_entropy_forward.default,
                           (h, w, b, t, -100, 0.1, 3.0, 1.0))
-    _, lse, _ = torch.ops.cce.linear_cross_entropy_forward(h, w, b, t, -100, 0.1, 3.0, 1.0)
+    _, lse, _, _, _ = torch.ops.cce.linear_cross_entropy_forward(h, w, b, t, -100, 0.1, 3.0, 1.0)
     g = torch.randn(6)
     torch.library.opcheck(torch.ops.cce.linear_cross_entropy_backward.default,
                           (g, g.clone(), h.detach(), w.detach(), None if b is None else b.detach(), t, lse.detach(),
@@ -248,7 +248,7 @@ def test_frozen_weight_skips_its_gradient(triton_on_cpu, compiled):
 
 def test_opcheck_backward_without_d_weight():
     h, w, _, t = make_inputs((6,), 8, 11, torch.float32)
-    _, lse, _ = torch.ops.cce.linear_cross_entropy_forward(h, w, None, t, -100, 0.0, None, 1.0)
+    _, lse, _, _, _ = torch.ops.cce.linear_cross_entropy_forward(h, w, None, t, -100, 0.0, None, 1.0)
     torch.library.opcheck(torch.ops.cce.linear_cross_entropy_backward.default,
                           (torch.randn(6), None, h.detach(), w.detach(), None, t, lse.detach(),
                            -100, 0.0, None, 1.0, False))

@@ -377,3 +377,51 @@ def test_one_logsumexp_for_the_log_probs_and_the_entropy(data):
     r = check(f, (h, w, y), 1, return_results=True)[-1].rewrites[0]
     assert r.options["reads"] == "log_prob+logsumexp+mean_logit" and not r.logits_kept, r
     assert_one_op_and_no_logits(f, (h, w, y), y.numel())
+
+
+# ---- served values are tensors of their own (writes after the call) ---------------------------------
+
+def _entropy_two_ways(h, w):
+    z = h @ w.T
+    ent = -(F.softmax(z, -1) * F.log_softmax(z, -1)).sum(-1)
+    logp = F.log_softmax(z, -1)
+    return ent, -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_reads_returned_and_written_in_place_after_the_call(data, inner):
+    """Eager gives each read a tensor of its own, and autograd keeps what it saved apart from what it returns:
+    two spellings of the entropy returned, one written in place after the call, leave the other and the
+    gradient as eager has them (the op's backward keeps its own copies; a second read of one output is a copy
+    the compiler cannot drop)."""
+    h, w, _, _ = data
+
+    def run(fn):
+        hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        a, b = fn(hh, ww)
+        a.mul_(2)
+        (a * 0.5 + b * 0.25).sum().backward()
+        return b.detach(), hh.grad, ww.grad
+    want = run(_entropy_two_ways)
+    counter = []
+    got = run(torch.compile(_entropy_two_ways, backend=make_backend(inner, on_result=counter.append)))
+    assert len(counter) == 1 and len(counter[0].rewrites) == 1, counter
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_op_outputs_written_in_place_after_a_compiled_call(data):
+    """The op called directly under torch.compile: an entropy output written in place after the call does not
+    change the gradient (the op's backward reads its own copy)."""
+    h, w, _, _ = data
+
+    def fn(h, w):
+        return cce_inductor.linear_log_probs(h, w, None, return_entropy=True)
+
+    def run(f):
+        hh = h.detach().clone().requires_grad_()
+        e = f(hh, w)
+        e.mul_(2)
+        e.sum().backward()
+        return hh.grad
+    torch.testing.assert_close(run(torch.compile(fn, backend="aot_eager")), run(fn), rtol=1e-10, atol=1e-12)

@@ -25,7 +25,7 @@ def local_vocab_parallel_loss(hidden: Tensor, weight: Tensor, targets: Tensor, b
     check_target_range(targets, vocab_size, ignore_index)
     lead_shape = hidden.shape[:-1]
     flat_t = targets.reshape(-1)
-    loss, lse = torch.ops.cce.vocab_parallel_forward(
+    loss, lse, _ = torch.ops.cce.vocab_parallel_forward(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_t, int(vocab_start), int(vocab_size), group_name,
         ignore_index, float(label_smoothing), None if softcap is None else float(softcap), float(logit_scale))
     # the targets are the same on every rank, so the mean's count is too

@@ -215,20 +215,23 @@ def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weig
 def vocab_parallel_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                            vocab_start: int, vocab_size: int, group_name: str, ignore_index: int,
                            label_smoothing: float, softcap: Optional[float],
-                           logit_scale: float) -> tuple[Tensor, Tensor]:
-    """Per-token (loss, lse) [N] over the whole vocabulary, equal on every rank of the group; float32
+                           logit_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token (loss, lse, saved lse) [N] over the whole vocabulary, equal on every rank of the group; float32
     (float64 for float64 inputs). ``weight``/``bias`` are this rank's rows; ``vocab_start = -1`` means the
-    ``torch.chunk`` / DTensor ``Shard(0)`` layout by group rank."""
+    ``torch.chunk`` / DTensor ``Shard(0)`` layout by group rank. The third output is a copy of lse that only
+    the autograd formula keeps (a returned lse may be written in place by the caller: see
+    ``cce_inductor.ops.low_memory``)."""
     with autocast_off(hidden):
-        return forward(hidden, weight, bias, targets, vocab_start, vocab_size, resolve_group(group_name),
-                       LossOptions(ignore_index, label_smoothing, softcap, logit_scale))
+        loss, lse = forward(hidden, weight, bias, targets, vocab_start, vocab_size, resolve_group(group_name),
+                            LossOptions(ignore_index, label_smoothing, softcap, logit_scale))
+    return loss, lse, lse.clone()
 
 
 @vocab_parallel_forward.register_fake
 def _(hidden, weight, bias, targets, vocab_start, vocab_size, group_name, ignore_index, label_smoothing, softcap,
       logit_scale):
     n, dtype = hidden.shape[0], stat_dtype(hidden)
-    return hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype)
+    return hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype)
 
 
 @torch.library.custom_op("cce::vocab_parallel_backward", mutates_args=())
@@ -264,12 +267,12 @@ def _(grad_loss, grad_lse, hidden, weight, bias, targets, lse, vocab_start, voca
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, *args = inputs
-    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+    ctx.save_for_backward(hidden, weight, bias, targets, output[2])
     ctx.loss_args = tuple(args)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, grad_lse):
+def _backward(ctx, grad_loss, grad_lse, _grad_saved_lse=None):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     n_args = 4 + len(ctx.loss_args)
     if grad_loss is None and grad_lse is None:

@@ -29,23 +29,31 @@ from ..options import LossOptions
 def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                                  ignore_index: int, label_smoothing: float, softcap: Optional[float],
                                  logit_scale: float, for_backward: bool = True,
-                                 with_entropy: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token (loss, lse, entropy) [N], float32 (float64 for float64 inputs); loss is 0 on ignored tokens;
-    entropy is an empty tensor unless ``with_entropy``. ``for_backward=False``: no gradient will be computed
-    from this call (picks the no-grad forward kernel)."""
+                                 with_entropy: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-token (loss, lse, entropy, saved lse, saved entropy) [N], float32 (float64 for float64 inputs); loss
+    is 0 on ignored tokens; entropy is an empty tensor unless ``with_entropy``. The last two are copies that
+    only the autograd formula keeps (empty when ``for_backward=False``): a caller may write to the returned
+    lse / entropy in place, and under torch.compile a saved tensor that is also a returned one is not protected
+    by autograd's version check (the gradient would silently use the written values). ``for_backward=False``:
+    no gradient will be computed from this call (picks the no-grad forward kernel)."""
     opts = LossOptions(ignore_index, label_smoothing, softcap, logit_scale)
     with autocast_off(hidden):
         loss, lse, entropy = select.low_memory_forward(hidden, weight, bias, targets, opts, for_backward=for_backward,
                                                        with_entropy=with_entropy)
-    return loss, lse, (entropy if entropy is not None else hidden.new_empty(0, dtype=loss.dtype))
+    entropy = entropy if entropy is not None else hidden.new_empty(0, dtype=loss.dtype)
+    if not for_backward:
+        return loss, lse, entropy, lse.new_empty(0), entropy.new_empty(0)
+    return loss, lse, entropy, lse.clone(), entropy.clone()
 
 
 @linear_cross_entropy_forward.register_fake
 def _(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale, for_backward=True,
       with_entropy=False):
     n, dtype = hidden.shape[0], stat_dtype(hidden)
+    kept = n if for_backward else 0
     return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype),
-            hidden.new_empty(n if with_entropy else 0, dtype=dtype))
+            hidden.new_empty(n if with_entropy else 0, dtype=dtype), hidden.new_empty(kept, dtype=dtype),
+            hidden.new_empty(kept if with_entropy else 0, dtype=dtype))
 
 
 @torch.library.custom_op("cce::linear_cross_entropy_backward", mutates_args=())
@@ -90,9 +98,11 @@ def _(grad_loss, grad_lse, hidden, weight, bias, targets, lse, ignore_index, lab
 
 
 def setup_context(ctx, inputs, output):
-    """Saves what the backward recomputes from (never the logits). Shared with the torch.func form."""
+    """Saves what the backward recomputes from (never the logits): the op's own copies of lse and entropy
+    (outputs 4 and 5), or, for the torch.func form's three outputs (an eager autograd.Function, where
+    autograd's version check protects saved outputs), lse and entropy themselves."""
     hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, logit_scale = inputs[:8]
-    _, lse, entropy = output
+    lse, entropy = (output[3], output[4]) if len(output) == 5 else (output[1], output[2])
     ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
     ctx.loss_args = (ignore_index, label_smoothing, softcap, logit_scale)
     # An unused output (usually lse, or the entropy) then arrives as None instead of a materialised zero tensor.
@@ -107,6 +117,9 @@ def input_grads(ctx, grad_loss, grad_lse, grad_entropy=None) -> tuple:
         grad_entropy = None
     if grad_loss is None and grad_lse is None and grad_entropy is None:
         return None, None, None
+    if lse.numel() != hidden.shape[0]:
+        raise RuntimeError("cce::linear_cross_entropy_forward was called with for_backward=False: it kept nothing "
+                           "for a backward")
     need_d_weight = ctx.needs_input_grad[1]
     d_hidden, d_weight, d_bias = torch.ops.cce.linear_cross_entropy_backward(
         grad_loss, grad_lse, hidden, weight, bias, targets, lse, *ctx.loss_args, need_d_weight=need_d_weight,
@@ -114,7 +127,8 @@ def input_grads(ctx, grad_loss, grad_lse, grad_entropy=None) -> tuple:
     return d_hidden, d_weight if need_d_weight else None, d_bias if bias is not None else None
 
 
-def _backward(ctx, grad_loss, grad_lse, grad_entropy):
+def _backward(ctx, grad_loss, grad_lse, grad_entropy, _grad_saved_lse=None, _grad_saved_entropy=None):
+    # (the saved copies are the backward's own: nothing differentiates them)
     return input_grads(ctx, grad_loss, grad_lse, grad_entropy) + (None,) * 7  # targets, options and flags
 
 

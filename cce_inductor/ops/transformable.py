@@ -27,7 +27,7 @@ class TransformableLinearCrossEntropy(torch.autograd.Function):
                 with_entropy=False):
         return torch.ops.cce.linear_cross_entropy_forward(hidden, weight, bias, targets, ignore_index,
                                                           label_smoothing, softcap, logit_scale,
-                                                          with_entropy=with_entropy)
+                                                          with_entropy=with_entropy)[:3]
 
     @staticmethod
     def setup_context(ctx, inputs, output):

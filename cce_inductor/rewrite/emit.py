@@ -165,10 +165,11 @@ def _emit_nodes(emit: _Emitter, plan: Plan) -> tuple[Node, list]:
     if plan.needs_lse or plan.needs_entropy:
         names = ["loss"] + (["lse"] if plan.needs_lse else []) + (["entropy"] if plan.needs_entropy else [])
         outputs = {name: emit("call_function", operator.getitem, (call, k)) for k, name in enumerate(names)}
+    handed: set = set()  # outputs already handed out as a read's value (see _serve)
     if m.read is None:
         out = emit.cast(outputs["loss"], _dtype(m.loss))
     else:  # the op's per-token outputs are at the read's rows already
-        out = _serve(emit, m.read, outputs, None)
+        out = _serve(emit, m.read, outputs, None, handed)
     replacements = []
     for sr in plan.served:
         hx = h_at[sr.position]
@@ -176,30 +177,43 @@ def _emit_nodes(emit: _Emitter, plan: Plan) -> tuple[Node, list]:
             hx = _replay_layout(emit, hx, sr.extra_step,
                                 d_arg if d_arg is not None else emit("call_method", "size", (hx, -1)))
         lead = emit("call_function", operator.getitem, (emit("call_method", "size", (hx,)), slice(None, -1)))
-        replacements.append((sr, _serve(emit, sr.read, outputs, lead, detach=sr.detach)))
+        replacements.append((sr, _serve(emit, sr.read, outputs, lead, handed, detach=sr.detach)))
     return out, replacements
 
 
-def _serve(emit: _Emitter, read: Read, outputs: dict, lead: Optional[Node], detach: bool = False) -> Node:
-    """The value of ``read`` from the op's outputs (reshaped to ``lead`` rows when given)."""
+def _serve(emit: _Emitter, read: Read, outputs: dict, lead: Optional[Node], handed: set,
+           detach: bool = False) -> Node:
+    """The value of ``read`` from the op's outputs (reshaped to ``lead`` rows when given). Eager gives each read
+    a tensor of its own: the first read of an output that is not computed from it (a bare lse or entropy) is
+    a view of it (the op's outputs are its callers' alone: its backward keeps copies), a later bare read of
+    the same output gets its own copy (``handed``: the outputs already handed out bare), so that writing one
+    read in place never changes another."""
     def rows(x):
         return x if lead is None else emit("call_method", "reshape", (x, lead))
     q, sign = read.quantity, read.sign
+    base = None  # the output v is a view of (None: v is a new tensor)
     if q is Quantity.LOG_PROB:  # log p[t] = -loss
-        v, sign = rows(outputs["loss"]), -sign
+        v, sign, base = rows(outputs["loss"]), -sign, "loss"
     elif q is Quantity.ENTROPY:
-        v = rows(outputs["entropy"])
+        v, base = rows(outputs["entropy"]), "entropy"
     elif q is Quantity.LSE:
-        v = rows(outputs["lse"])
+        v, base = rows(outputs["lse"]), "lse"
     else:  # Σ p z = lse - H
         v = emit("call_function", operator.sub, (rows(outputs["lse"]), rows(outputs["entropy"])))
     if sign < 0:
-        v = emit("call_function", operator.neg, (v,))
+        v, base = emit("call_function", operator.neg, (v,)), None
+    cast = emit.cast(v, _dtype(read.node))
+    if cast is not v:
+        v, base = cast, None
+    if base is not None:
+        if base in handed:
+            v = emit("call_function", torch.ops.cce.fresh_copy.default, (v,))
+        handed.add(base)
     if read.keepdim:
         v = emit("call_method", "unsqueeze", (v, -1))
     if detach:
         v = emit("call_method", "detach", (v,))
-    return emit.cast(v, _dtype(read.node))
+    return v
 
 
 def _concat_low_rank(emit: _Emitter, h: Node, w: Node, terms: tuple, compute: torch.dtype) -> tuple[Node, Node]:
