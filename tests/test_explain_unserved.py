@@ -132,3 +132,26 @@ def test_gather_with_rows_not_provably_the_logits_rows_is_named():
         return f(h, w, y[: h.shape[0]])
     torch._dynamo.reset()
     assert len(cce_inductor.explain(sliced, h, w, y).rewrites) == 1
+
+
+@pytest.mark.parametrize("split", ["split", "chunk", "unbind"])
+def test_unserved_reads_of_split_rows_are_reported(data, split):
+    """Reads of the logits' rows taken apart by split / chunk / unbind in a spelling the op does not serve (a
+    softmax's top probability per piece): reported, not silent."""
+    h, w, _, y = data
+
+    def f(h, w, y):
+        z = (h @ w.T).reshape(-1, V)
+        pieces = {"split": lambda: z.split(2), "chunk": lambda: z.chunk(3), "unbind": lambda: z.unbind(0)}[split]()
+        return sum(F.softmax(p, -1).max(-1).values.sum() for p in pieces)
+    report = cce_inductor.explain(f, h, w, y)
+    assert not report.rewrites and len(report.misses) == 1 and report.misses[0].category == "not_served", report
+
+
+def test_special_logsumexp_is_served(data):
+    """``torch.special.logsumexp`` is ``torch.logsumexp``: served as a logsumexp read."""
+    h, w, _, y = data
+
+    def f(h, w, y):
+        return (torch.special.logsumexp(h @ w.T, -1) * torch.linspace(0.5, 1.5, y.numel()).view(y.shape)).sum()
+    check(f, (h, w, y), 1)

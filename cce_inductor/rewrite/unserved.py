@@ -57,6 +57,11 @@ class _Reads:
     loss: bool = False
 
 
+# Tuple-valued splits of the logits' rows (TRL's and verl's chunked reads): their pieces keep the vocabulary.
+_SPLIT_FNS = (torch.split, torch.chunk, torch.unbind, torch.tensor_split)
+_SPLIT_METHODS = ("split", "chunk", "unbind", "tensor_split")
+
+
 def _over_last_dim(node: Node, dim) -> bool:
     nd = len(_shape(node.args[0]) or ()) if node.args else 0
     if isinstance(dim, (tuple, list)) and len(dim) == 1:
@@ -113,6 +118,11 @@ def _reads(mm: Node, v, handled_reads: frozenset = frozenset()) -> _Reads:
                                 out.loss = True
                 elif _keeps_vocab(u, v) or _as_class_transpose(u) is not None:  # (N, C, d...) for a loss
                     nxt.append(u)
+                elif _call(u, _SPLIT_FNS, _SPLIT_METHODS):  # z.split(k) / chunk / unbind: follow the pieces
+                    pieces = [g for g in u.users if g.op == "call_function" and g.target is operator.getitem
+                              and _same_size(_last_dim(g), v)]
+                    seen.update(pieces)
+                    nxt.extend(pieces)
         frontier = nxt
     return out
 
