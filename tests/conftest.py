@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 _FUZZ = dict(deadline=None, suppress_health_check=list(HealthCheck))
-settings.register_profile("quick", max_examples=25, derandomize=True, **_FUZZ)
+settings.register_profile("quick", max_examples=12, derandomize=True, **_FUZZ)
 settings.register_profile("ci", max_examples=150, derandomize=True, **_FUZZ)
 settings.register_profile("long", max_examples=1000, derandomize=False, **_FUZZ)
 settings.load_profile("quick")  # --hypothesis-profile=NAME (hypothesis' pytest plugin) loads another

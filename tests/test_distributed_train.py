@@ -235,7 +235,7 @@ def _fsdp_worker(rank, world, variant, device="cpu", dtype=torch.float64, inner=
     return failures
 
 
-@pytest.mark.parametrize("variant", ["whole", "regional", "flat", "flat+op"])
+@pytest.mark.parametrize("variant", [pytest.param("whole", marks=pytest.mark.slow), "regional", "flat", "flat+op"])
 def test_fsdp2_two_processes(workers, variant):
     for failures in workers.run(_fsdp_worker, variant, timeout=180):
         assert not failures, "\n".join(failures)

@@ -92,6 +92,7 @@ def test_matches_float64_with_splits_and_chunks(dtype, has_bias, opts, poison):
         run_and_check(h, w, b, t, opts, SMALL.with_(dhidden_remainder="float"), gen)
 
 
+@pytest.mark.slow  # (interpreter: 32 vocabulary chunks; CI's slow step)
 @pytest.mark.parametrize("dtype", dtype_params("bf16", "fp16"))
 def test_dhidden_remainder_keeps_the_fp32_sum(dtype, poison):
     """32 vocab chunks summed into a 16-bit d_hidden match one chunk (a single rounding of the fp32 sum)
