@@ -206,24 +206,17 @@ def score_reference(e, c, t):
 def run_per_token_cell(mode, name, fn, e, c, t, w, ref, warmup, rep, device):
     """One method at one (shape, N) in ``--mode logp`` (fwd+bwd of sum(w * log p)) or ``score`` (no-grad forward
     of log p): errors where ``ref`` is given, peak, median ms."""
-    try:
-        with _config_patch(fn):
-            if mode == "logp":
-                scalar = fn if name == "floor" else (lambda e, c, t: (fn(e, c, t) * w).sum())
-                r = measure_loss_head(scalar, e, c, t, ref, warmup=warmup, rep=rep, device=device,
-                                      keys=("peak_MB", "ms"))
-            else:
-                out, r = measure_forward(fn, e, c, t, warmup=warmup, rep=rep, device=device)
-                if ref is not None:
-                    want = -ref
-                    r["logp_err"] = ((out.double() - want).abs().max() / want.abs().max()).item()
-                del out
-    except torch.OutOfMemoryError:
-        r = dict(error="OOM")
-    except Exception as ex:  # noqa: BLE001
-        r = dict(error=f"{type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}")
-    free(device)
-    return r
+    def measure():
+        if mode == "logp":
+            scalar = fn if name == "floor" else (lambda e, c, t: (fn(e, c, t) * w).sum())
+            return measure_loss_head(scalar, e, c, t, ref, warmup=warmup, rep=rep, device=device,
+                                     keys=("peak_MB", "ms"))
+        out, r = measure_forward(fn, e, c, t, warmup=warmup, rep=rep, device=device)
+        if ref is not None:
+            want = -ref
+            r["logp_err"] = ((out.double() - want).abs().max() / want.abs().max()).item()
+        return r
+    return _guarded(fn, measure, device)
 
 
 def _config_patch(fn):
@@ -238,17 +231,24 @@ def _config_patch(fn):
     return cce_inductor.config.patch(**knobs)
 
 
-def run_cell(fn, e, c, t, ref, warmup, rep, device):
-    """One method at one (shape, N): errors (when ``ref``), peak memory, median fwd+bwd ms."""
+def _guarded(fn, measure, device) -> dict:
+    """``measure()`` under ``fn``'s config patch; an out-of-memory or any other failure becomes the cell's
+    ``error`` (the sweep goes on); the device's cache is freed after."""
     try:
         with _config_patch(fn):
-            r = measure_loss_head(fn, e, c, t, ref, warmup=warmup, rep=rep, device=device, keys=("peak_MB", "ms"))
+            r = measure()
     except torch.OutOfMemoryError:
         r = dict(error="OOM")
     except Exception as ex:  # noqa: BLE001
         r = dict(error=f"{type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}")
     free(device)
     return r
+
+
+def run_cell(fn, e, c, t, ref, warmup, rep, device):
+    """One method at one (shape, N): errors (when ``ref``), peak memory, median fwd+bwd ms."""
+    return _guarded(fn, lambda: measure_loss_head(fn, e, c, t, ref, warmup=warmup, rep=rep, device=device,
+                                                  keys=("peak_MB", "ms")), device)
 
 
 def _cell(rows, shape_name, N, method):

@@ -20,30 +20,8 @@ from .spellings import _CE_FNS, is_loss_node, match_matmul
 from .unserved import find_unserved
 
 
-def _fed_by_matmul(x: Node, depth: int = 24) -> bool:
-    """Is a matmul spelling among the first ancestors of ``x``, a loss's input or a read's logits (for
-    reporting misses)?"""
-    frontier = [x]
-    seen = set()
-    while frontier and depth > 0:
-        depth -= 1
-        nxt = []
-        for n in frontier:
-            if not isinstance(n, Node) or n in seen:
-                continue
-            seen.add(n)
-            if match_matmul(n) is not None:
-                return True
-            nxt.extend(a for a in n.all_input_nodes if isinstance(_val(a), torch.Tensor))
-        frontier = nxt
-    return False
-
-
-def _fed_by_lm_head(x: Node, depth: int = 24) -> bool:
-    """Are the logits ``x`` a read reads the output of an lm-head-shaped matmul (wider than its input, with
-    ``x``'s last dim) among its first ancestors? A read of anything else (attention scores, a router) is not
-    this pass's business, and is not reported."""
-    v = _last_dim(x)
+def _any_ancestor(x: Node, pred, depth: int = 24) -> bool:
+    """Is ``pred`` true of ``x`` or of one of its first ancestors (``depth`` generations of tensor inputs)?"""
     frontier, seen = [x], set()
     while frontier and depth > 0:
         depth -= 1
@@ -52,14 +30,32 @@ def _fed_by_lm_head(x: Node, depth: int = 24) -> bool:
             if not isinstance(n, Node) or n in seen:
                 continue
             seen.add(n)
-            mm = match_matmul(n)
-            if mm is not None:
-                out, d = _last_dim(n), _last_dim(mm.hidden)
-                if isinstance(out, int) and isinstance(d, int) and out > d and out == v:
-                    return True
+            if pred(n):
+                return True
             nxt.extend(a for a in n.all_input_nodes if isinstance(_val(a), torch.Tensor))
         frontier = nxt
     return False
+
+
+def _fed_by_matmul(x: Node) -> bool:
+    """Is a matmul spelling among the first ancestors of ``x``, a loss's input or a read's logits (for
+    reporting misses)?"""
+    return _any_ancestor(x, lambda n: match_matmul(n) is not None)
+
+
+def _fed_by_lm_head(x: Node) -> bool:
+    """Are the logits ``x`` a read reads the output of an lm-head-shaped matmul (wider than its input, with
+    ``x``'s last dim) among its first ancestors? A read of anything else (attention scores, a router) is not
+    this pass's business, and is not reported."""
+    v = _last_dim(x)
+
+    def lm_head(n):
+        mm = match_matmul(n)
+        if mm is None:
+            return False
+        out, d = _last_dim(n), _last_dim(mm.hidden)
+        return isinstance(out, int) and isinstance(d, int) and out > d and out == v
+    return _any_ancestor(x, lm_head)
 
 
 def _logits_are_graph_input(x: Node, depth: int = 16) -> bool:
@@ -180,6 +176,32 @@ def rewrite_graph(graph_or_module: Any) -> PassResult:
     return _rewrite(graph_or_module, top_level=True)
 
 
+def _internal_error(e: Exception, where: str) -> Miss:
+    """An unforeseen graph shape while matching or planning: reported as a miss, never a failed compile."""
+    log.debug("cce: matcher error at %s", where, exc_info=True)
+    return Miss(f"internal error while matching: {type(e).__name__}: {e}")
+
+
+def _matched(match_fn, start, where: str):
+    """``match_fn(start)`` (a loss or a read), with any unforeseen error turned into a :class:`Miss`."""
+    try:
+        return match_fn(start)
+    except Miss:
+        raise
+    except Exception as e:
+        raise _internal_error(e, where) from e
+
+
+def _planned(m, regions, reads, recomputed: bool, where: str):
+    """``plan_rewrite`` with any unforeseen error turned into a :class:`Miss`."""
+    try:
+        return plan_rewrite(m, regions, reads, recomputed=recomputed)
+    except Miss:
+        raise
+    except Exception as e:
+        raise _internal_error(e, where) from e
+
+
 def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) -> PassResult:
     graph = graph_or_module.graph if isinstance(graph_or_module, GraphModule) else graph_or_module
     result = PassResult()
@@ -204,15 +226,9 @@ def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) ->
         kind = _loss_kind(loss)
         where = location(loss)
         try:
-            try:
-                m = match_loss(loss)
-                matched.update(m.mm.nodes)
-                plan = plan_rewrite(m, regions, reads, recomputed=recomputed)
-            except Miss:
-                raise
-            except Exception as e:  # an unforeseen graph shape: report it, never fail the compile
-                log.debug("cce: matcher error at %s", where, exc_info=True)
-                raise Miss(f"internal error while matching: {type(e).__name__}: {e}") from e
+            m = _matched(match_loss, loss, where)
+            matched.update(m.mm.nodes)
+            plan = _planned(m, regions, reads, recomputed, where)
             r = emit_plan(graph, plan)
         except Miss as e:
             if loss.args and _fed_by_matmul(loss.args[0]):
@@ -229,17 +245,11 @@ def _rewrite(graph_or_module: Any, top_level: bool, recomputed: bool = False) ->
             continue
         kind, where = read.quantity.value, location(read.node)
         try:
-            try:
-                m = match_read(read)
-                if m.mm.node in matched or not _lm_head_shaped(m):
-                    continue  # reported with the loss of the same logits; or not an lm-head (a router, scores)
-                matched.update(m.mm.nodes)
-                plan = plan_rewrite(m, regions, reads, recomputed=recomputed)
-            except Miss:
-                raise
-            except Exception as e:  # an unforeseen graph shape: report it, never fail the compile
-                log.debug("cce: matcher error at %s", where, exc_info=True)
-                raise Miss(f"internal error while matching: {type(e).__name__}: {e}") from e
+            m = _matched(match_read, read, where)
+            if m.mm.node in matched or not _lm_head_shaped(m):
+                continue  # reported with the loss of the same logits; or not an lm-head (a router, scores)
+            matched.update(m.mm.nodes)
+            plan = _planned(m, regions, reads, recomputed, where)
             r = emit_plan(graph, plan)
         except Miss as e:
             if _fed_by_lm_head(read.src):
