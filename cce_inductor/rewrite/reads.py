@@ -203,12 +203,18 @@ def _gather_args(node: Node) -> Optional[tuple[Node, Node]]:
         return None
     if not (isinstance(x, Node) and isinstance(index, Node) and _is_last(x, dim)):
         return None
-    xs, ixs = _shape(x), _shape(index)
-    if _dtype(index) != torch.int64 or ixs is None or xs is None or len(ixs) != len(xs):
-        return None
-    if not (_same_size(ixs[-1], 1) and all(_same_size(a, b) for a, b in zip(ixs[:-1], xs[:-1]))):
+    if _dtype(index) != torch.int64 or index_rows_match(x, index) is not True:
         return None  # gather reads an index of another shape from other rows (or several ids per row)
     return x, index
+
+
+def index_rows_match(x: Any, index: Any) -> Optional[bool]:
+    """For ``gather(x, -1, index)``: None unless ``index`` has ``x``'s rank and one id per row (a unit last
+    dim); then whether its leading sizes are provably ``x``'s (gather also reads a shorter index)."""
+    xs, ixs = _shape(x), _shape(index)
+    if not xs or not ixs or len(ixs) != len(xs) or not _same_size(ixs[-1], 1):
+        return None
+    return all(_same_size(a, b) for a, b in zip(ixs[:-1], xs[:-1]))
 
 
 def _gathered_log_softmax(node: Node) -> Optional[Read]:

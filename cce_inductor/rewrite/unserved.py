@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from torch.fx import Graph, Node
 
 from .fx_util import _bind, _call, _last_dim, _norm_dim, _same_size, _shape, _sig, location, short_location
+from .reads import _GATHER_SIG, index_rows_match
 from .records import MissRecord
 from .spellings import (_LOGSUMEXP_FNS, _LOGSUMEXP_SIG, _as_class_transpose, _as_log_softmax, is_loss_node,
                         match_matmul)
 
 _SOFTMAX_FNS = (F.softmax, torch.softmax)
 _SOFTMAX_SIG = _sig("input, dim=None, _stacklevel=3, dtype=None")
-_GATHER_SIG = _sig("input, dim, index, *, sparse_grad=False, out=None")
 # How much wider than the hidden states a matmul's output must be to be reported as returned logits: an
 # MLP's up-projection is at most ~4x; an lm-head's vocabulary is tens of times the hidden size.
 RETURNED_LOGITS_MIN_RATIO = 5
@@ -128,17 +128,10 @@ def _reads(mm: Node, v, handled_reads: frozenset = frozenset()) -> _Reads:
 
 
 def _unproven_gather_rows(gather: Optional[Node]) -> bool:
-    """True for a gather over the last dim whose index has the input's rank and a unit last dim but leading sizes
-    not provably equal to the input's (the reads decline it: see ``reads._gather_args``)."""
-    if gather is None:
-        return False
-    a = _bind(gather, _GATHER_SIG)
-    if not a:
-        return False
-    xs, ixs = _shape(a["input"]), _shape(a["index"])
-    if not xs or not ixs or len(xs) != len(ixs) or not _same_size(ixs[-1], 1):
-        return False
-    return not all(_same_size(i, j) for i, j in zip(ixs[:-1], xs[:-1]))
+    """True for a gather over the last dim with one id per row whose rows are not provably the input's (the
+    reads decline it: ``reads.index_rows_match``)."""
+    a = _bind(gather, _GATHER_SIG) if gather is not None else None
+    return bool(a) and index_rows_match(a["input"], a["index"]) is False
 
 
 def _form(ops: dict) -> tuple[str, str]:
