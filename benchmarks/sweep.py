@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from harness import (SHAPES, Reference, eager, eager_copy, float64_reference, fmt, free, gpu_name, make_inputs,
-                     markdown_table, matmul_ms, measure_forward, measure_loss_head, now, out_path, pyplot, ratio,
-                     save_figure, shape, versions, write_json, write_text)
+                     markdown_table, matmul_ms, measure_forward, measure_loss_head, now, out_path, per_token_reference,
+                     pyplot, ratio, save_figure, shape, versions, write_json, write_text)
 
 DEFAULTS = dict(shapes="gemma2,llama3", tokens="8192,16384,32768,65536", methods=None, regime="zipf",
                 err_tokens="8192", warmup=25, rep=100)
@@ -187,20 +187,8 @@ def per_token_weights(t):
 
 def weighted_reference(e, c, t, w) -> Reference:
     """Float64 ``sum(w * log p)`` and its gradients (log p = -loss per token)."""
-    from cce_inductor.options import LossOptions
-    from cce_inductor.reference import reference_loss_and_grads
-
-    loss, _, dE, dC, _ = reference_loss_and_grads(e.detach(), c.detach(), None, t, LossOptions(),
-                                                  grad_loss=-w.double())
+    loss, dE, dC = per_token_reference(e, c, t, -w.double())
     return Reference(-(w.double() * loss).sum().item(), dE, dC)
-
-
-def score_reference(e, c, t):
-    """Float64 per-token losses (= -log p)."""
-    from cce_inductor.options import LossOptions
-    from cce_inductor.reference import reference_loss_and_grads
-
-    return reference_loss_and_grads(e.detach(), c.detach(), None, t, LossOptions())[0]
 
 
 def run_per_token_cell(mode, name, fn, e, c, t, w, ref, warmup, rep, device):
@@ -417,7 +405,7 @@ def main(argv=None):
                 ref = None
                 if N in err_tokens:
                     ref = (float64_reference(e, c, t) if a.mode == "loss" else weighted_reference(e, c, t, w)
-                           if a.mode == "logp" else score_reference(e, c, t))
+                           if a.mode == "logp" else per_token_reference(e, c, t)[0])
             except torch.OutOfMemoryError:
                 for m in methods:
                     rows.append(dict(shape=name, N=N, D=D, V=V, method=m, error="OOM (inputs/reference)"))

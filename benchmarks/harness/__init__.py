@@ -9,7 +9,7 @@
 * :mod:`.loss_head`  a loss head's errors, peak and fwd+bwd time in one call (or its no-grad forward's)
 * :mod:`.output`     ``fmt`` / tables, ``write_json`` and the run's versions (git commit, sources hash), plots
 """
-from .errors import Reference, compare, errors, float64_reference, loss_and_grads  # noqa: F401
+from .errors import Reference, compare, errors, float64_reference, loss_and_grads, per_token_reference  # noqa: F401
 from .inputs import eager, eager_copy, make_inputs, model_inputs  # noqa: F401
 from .loss_head import measure_forward, measure_loss_head  # noqa: F401
 from .memory import MiB, PeakMemory  # noqa: F401

@@ -16,15 +16,20 @@ class Reference(NamedTuple):
         return Reference(self.loss * k, self.dE * k, self.dC * k)
 
 
-def float64_reference(e, c, t, upstream: float = 1.0) -> Reference:
-    """Float64 mean cross-entropy of ``e @ c.T`` and the gradients of ``upstream * loss`` (token chunks,
-    on ``e``'s device)."""
+def per_token_reference(e, c, t, grad_loss=None):
+    """Float64 per-token cross-entropy of ``e @ c.T`` [N] and, with ``grad_loss`` [N], the gradients
+    (dE, dC) of ``sum(grad_loss * loss)`` (token chunks, on ``e``'s device); else (loss, None, None)."""
     from cce_inductor.options import LossOptions  # imported when used: `import harness` stays light
     from cce_inductor.reference import reference_loss_and_grads
 
+    loss, _, dE, dC, _ = reference_loss_and_grads(e.detach(), c.detach(), None, t, LossOptions(), grad_loss=grad_loss)
+    return loss, dE, dC
+
+
+def float64_reference(e, c, t, upstream: float = 1.0) -> Reference:
+    """Float64 mean cross-entropy of ``e @ c.T`` and the gradients of ``upstream * loss``."""
     N = e.shape[0]
-    grad = torch.full((N,), upstream / N, dtype=torch.float64, device=e.device)
-    loss, _, dE, dC, _ = reference_loss_and_grads(e.detach(), c.detach(), None, t, LossOptions(), grad_loss=grad)
+    loss, dE, dC = per_token_reference(e, c, t, torch.full((N,), upstream / N, dtype=torch.float64, device=e.device))
     return Reference(loss.mean().item(), dE, dC)
 
 
