@@ -179,10 +179,11 @@ def find_unserved(graph: Graph, handled: frozenset = frozenset(), handled_reads:
         if reads.ops:
             first = min(reads.ops.values(), key=pos.__getitem__)
             name, what = _form(reads.ops)
-            why = ("in a spelling the rewrite does not serve" if not _unproven_gather_rows(reads.ops.get("gather"))
-                   else "with a gather whose index rows the compiler cannot prove equal to the logits' rows (torch.gather "
-                   "also reads a shorter index, e.g. separate ids and hidden inputs with dynamic sizes: derive both "
-                   "from one tensor, or compile with dynamic=False)")
+            why = "in a spelling the rewrite does not serve"
+            if _unproven_gather_rows(reads.ops.get("gather")):
+                why = ("with a gather whose index rows the compiler cannot prove equal to the logits' rows "
+                       "(torch.gather also reads a shorter index, e.g. separate ids and hidden inputs with dynamic "
+                       "sizes: derive both from one tensor, or compile with dynamic=False)")
             found.misses.append(MissRecord(
                 location(first), name,
                 f"not served yet: {what} of the logits of the matmul at {short_location(node)} (V={v}, D={d}), {why}, "
@@ -191,8 +192,8 @@ def find_unserved(graph: Graph, handled: frozenset = frozenset(), handled_reads:
                 "not_served"))
         elif reads.returned and v >= RETURNED_LOGITS_MIN_RATIO * d:
             found.notes.append(
-                f"the graph returns the logits of the matmul at {short_location(node)} (V={v}, D={d}) and computes no loss "
-                "from them: a loss computed outside the compiled function (e.g. a Trainer's compute_loss_func on "
+                f"the graph returns the logits of the matmul at {short_location(node)} (V={v}, D={d}) and computes no "
+                "loss from them: a loss computed outside the compiled function (e.g. a Trainer's compute_loss_func on "
                 "outputs.logits) forms them in full. To fuse it, compile the loss together with the model and return "
                 "only the loss.")
     return found
